@@ -1,0 +1,142 @@
+"""A scene's reference bank: features of normal frames, stored fp16 in one safetensors file.
+
+safetensors holds raw tensors plus a string header, so loading a bank can never run code
+(unlike pickle-based torch.save files).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import BankError
+
+FORMAT_VERSION = 1
+_META_KEY = "spade_bank"
+
+
+@dataclass
+class ReferenceBank:
+    global_feats: torch.Tensor  # (N, D) fp16
+    pyramid: dict[str, torch.Tensor]  # level -> (N, C, h, w) fp16
+    groups: torch.Tensor  # (N,) int32: the clip or folder each frame came from, for calibration
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.global_feats.shape[0])
+
+    @property
+    def thresholds(self) -> dict:
+        return self.meta.setdefault("thresholds", {})
+
+    def bytes_per_frame(self) -> int:
+        tensors = [self.global_feats, self.groups, *self.pyramid.values()]
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        return total // max(1, len(self))
+
+    def subset(self, index: torch.Tensor) -> "ReferenceBank":
+        return ReferenceBank(
+            global_feats=self.global_feats[index],
+            pyramid={k: v[index] for k, v in self.pyramid.items()},
+            groups=self.groups[index],
+            meta=json.loads(json.dumps(self.meta)),
+        )
+
+    def to(self, device: torch.device | str) -> "ReferenceBank":
+        return ReferenceBank(
+            global_feats=self.global_feats.to(device),
+            pyramid={k: v.to(device) for k, v in self.pyramid.items()},
+            groups=self.groups.to(device),
+            meta=self.meta,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.meta["frame_count"] = len(self)
+        self.meta.setdefault("format_version", FORMAT_VERSION)
+        self.meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        tensors = {"global": self.global_feats.contiguous(), "groups": self.groups.contiguous()}
+        tensors.update({f"pyramid.{k}": v.contiguous() for k, v in self.pyramid.items()})
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(self.meta)})
+        tmp.replace(path)  # a crash mid-write never leaves a half bank under the real name
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ReferenceBank":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise BankError(f"reference bank not found: {path} (build one with 'spade-monitor reference build')")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as fh:
+                header = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:
+            raise BankError(f"reference bank {path} is corrupt or truncated ({exc.__class__.__name__}): rebuild it") from None
+        try:
+            meta = json.loads(header[_META_KEY])
+            bank = cls(
+                global_feats=tensors.pop("global"),
+                groups=tensors.pop("groups"),
+                pyramid={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("pyramid.")},
+                meta=meta,
+            )
+        except (KeyError, ValueError, IndexError):
+            raise BankError(f"{path} is not a SPADE reference bank (metadata missing): rebuild it") from None
+        bank._validate(path)
+        return bank
+
+    def _validate(self, path: Path) -> None:
+        version = self.meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BankError(f"reference bank {path} has format version {version}, this build reads {FORMAT_VERSION}: rebuild it")
+        n = len(self)
+        if n == 0 or self.meta.get("frame_count") != n or self.groups.shape[0] != n:
+            raise BankError(f"reference bank {path} is inconsistent (frame counts differ): rebuild it")
+        for level in self.meta.get("levels", []):
+            if level not in self.pyramid or self.pyramid[level].shape[0] != n:
+                raise BankError(f"reference bank {path} lacks pyramid level {level}: rebuild it")
+
+    def check_compatible(self, model_meta: dict, path: str | Path = "bank") -> None:
+        """Refuse a bank whose features came from another backbone, weights or input geometry."""
+        for key in ("backbone", "weights_id", "preprocess", "levels", "normalize_global"):
+            ours, theirs = model_meta.get(key), self.meta.get(key)
+            if ours != theirs:
+                raise BankError(
+                    f"reference bank {path} was built with {key}={theirs}, but the model uses "
+                    f"{key}={ours}: rebuild the bank with this model, or configure the model to match"
+                )
+
+
+def kcenter_greedy(features: torch.Tensor, budget: int, seed: int = 0) -> torch.Tensor:
+    """Indices of a greedy k-center coreset: each pick is the point farthest from those picked.
+
+    Covers rare normal appearances (a bus, a lighting change) that uniform sampling can skip.
+    """
+    n = features.shape[0]
+    if budget >= n:
+        return torch.arange(n)
+    feats = features.float()
+    gen = torch.Generator().manual_seed(seed)
+    first = int(torch.randint(n, (1,), generator=gen))
+    picked = [first]
+    min_d = ((feats - feats[first]) ** 2).sum(1)
+    for _ in range(budget - 1):
+        nxt = int(torch.argmax(min_d))
+        picked.append(nxt)
+        min_d = torch.minimum(min_d, ((feats - feats[nxt]) ** 2).sum(1))
+    return torch.tensor(sorted(picked))
+
+
+def uniform_subsample(n: int, budget: int) -> torch.Tensor:
+    if budget >= n:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, budget).round().long().unique()

@@ -1,0 +1,44 @@
+"""Reference banks from user-given sources: folders of frames or images, and video files."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .bank import ReferenceBank
+from .calibrate import calibrate
+from .datasets import VIDEO_EXTS, iter_video_frames, list_source_files, read_image
+from .spade import Spade
+
+
+def group_sources(sources: list[str | Path]) -> list[list[Path]]:
+    """Files per calibration group: each video is a clip, and so is each folder of images."""
+    groups: dict[Path, list[Path]] = {}
+    for source in sources:
+        for file in list_source_files(source):
+            key = file if file.suffix.lower() in VIDEO_EXTS else file.parent
+            groups.setdefault(key, []).append(file)
+    return list(groups.values())
+
+
+def iter_grouped_frames(groups: list[list[Path]]) -> Iterator[tuple[int, np.ndarray]]:
+    for g, files in enumerate(groups):
+        for file in files:
+            if file.suffix.lower() in VIDEO_EXTS:
+                for frame in iter_video_frames(file):
+                    yield g, frame
+            else:
+                yield g, read_image(file)
+
+
+def build_reference(spade: Spade, sources: list[str | Path], scene: str,
+                    progress: bool = True) -> ReferenceBank:
+    """Build and calibrate one scene's bank."""
+    groups = group_sources(sources)
+    total = sum(len(files) for files in groups if files[0].suffix.lower() not in VIDEO_EXTS) or None
+    bank = spade.build_bank(iter_grouped_frames(groups), [str(s) for s in sources], total=total,
+                            progress=progress)
+    bank.meta["scene"] = scene
+    calibrate(bank, spade.config)
+    return bank

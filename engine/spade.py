@@ -1,0 +1,278 @@
+"""SPADE: reference banks from normal frames, DN2 image scores, and pixel anomaly maps."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones import build_backbone
+from .bank import ReferenceBank, kcenter_greedy, uniform_subsample
+from .errors import ConfigError
+from .features import FeatureExtractor
+from .gate import dn2_scores, knn
+from .matcher import anomaly_maps
+from .preprocess import Preprocess
+
+
+@dataclass
+class SpadeConfig:
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None  # explicit weights file; default: packaged / torch hub cache
+    # Geometry: "crop" resizes to `resize` and centre-crops `crop` (MVTec); "full" resizes the whole
+    # frame to frame_size, or keeps the native size when frame_size is None (cameras).
+    geometry: str = "full"
+    resize: int = 256
+    crop: int = 224
+    frame_size: tuple[int, int] | None = None
+    levels: tuple[str, ...] = ("s8", "s16")
+    k_image: int = 10  # K of the DN2 gate
+    k_pixel: int = 10  # K nearest frames whose galleries pixel matching searches
+    normalize_global: bool = True  # L2-normalise the global feature before DN2
+    sigma: float = 4.0
+    image_score: str = "dn2"  # "dn2" (global kNN) or "map_max" (max of the anomaly map)
+    temporal_window: int = 1  # frames averaged into a video frame score (1 = none)
+    image_quantile: float = 0.99  # tau = this quantile of held-out normal image scores
+    pixel_quantile: float = 0.999  # theta = this quantile of held-out normal pixel scores
+    max_frames: int = 5000
+    subsample: str = "uniform"  # or "kcenter"
+    batch_size: int = 16
+    device: str = "auto"
+    precision: str = "auto"
+
+    def __post_init__(self):
+        self.levels = tuple(self.levels)
+        if self.frame_size is not None:
+            self.frame_size = tuple(int(v) for v in self.frame_size)
+        checks = {
+            "geometry": (self.geometry, ("full", "crop")),
+            "image_score": (self.image_score, ("dn2", "map_max")),
+            "subsample": (self.subsample, ("uniform", "kcenter")),
+            "precision": (self.precision, ("auto", "fp32", "bf16", "fp16")),
+        }
+        for key, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+        for level in self.levels:
+            if level not in ("s4", "s8", "s16"):
+                raise ConfigError(f"levels: '{level}' is not one of s4, s8, s16")
+        if min(self.k_image, self.k_pixel, self.max_frames, self.batch_size, self.temporal_window) < 1:
+            raise ConfigError("k_image, k_pixel, max_frames, batch_size and temporal_window must be >= 1")
+
+    def replace(self, **changes) -> "SpadeConfig":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["levels"] = list(self.levels)
+        d["frame_size"] = list(self.frame_size) if self.frame_size else None
+        return d
+
+
+# One configuration per kind of data, chosen by what the data is, never per clip.
+PRESETS: dict[str, SpadeConfig] = {
+    # The paper, as published: Wide-ResNet50-2, layer1-3, K=50, 256 -> 224 crop.
+    "paper": SpadeConfig(backbone="wide_resnet50_2", geometry="crop", levels=("s4", "s8", "s16"),
+                         k_image=50, k_pixel=50, normalize_global=False, image_score="dn2"),
+    # The paper's STC setting: 256x256 full frames, K=1.
+    "paper-stc": SpadeConfig(backbone="wide_resnet50_2", geometry="full", frame_size=(256, 256),
+                             levels=("s4", "s8", "s16"), k_image=1, k_pixel=1,
+                             normalize_global=False, image_score="dn2"),
+    # Fixed cameras: native resolution, frame score = peak of the map, smoothed over frames.
+    "camera": SpadeConfig(geometry="full", levels=("s8", "s16"), k_image=10, k_pixel=10,
+                          image_score="map_max", temporal_window=5),
+    # Inspection images (MVTec layout).
+    "inspection": SpadeConfig(geometry="crop", levels=("s8", "s16"), k_image=10, k_pixel=10,
+                              image_score="dn2"),
+}
+
+
+def preset(name: str, **overrides) -> SpadeConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return PRESETS[name].replace(**overrides)
+
+
+@dataclass
+class ScoreResult:
+    image_scores: np.ndarray  # (B,) DN2 scores, or map maxima with image_score="map_max"
+    dn2_scores: np.ndarray  # (B,)
+    neighbours: np.ndarray  # (B, K) bank indices, nearest first
+    maps: np.ndarray | None = None  # (B, H, W) at the model input size, None where not computed
+    map_rows: list[int] = field(default_factory=list)  # which frames of the batch have maps
+
+
+class Spade:
+    """The SPADE model: one backbone plus the settings; a bank supplies each scene's data."""
+
+    def __init__(self, config: SpadeConfig):
+        self.config = config
+        backbone = build_backbone(config.backbone, config.weights)
+        self.extractor = FeatureExtractor(backbone, config.levels, config.device, config.precision)
+        self.backbone = backbone
+
+    @property
+    def device(self) -> torch.device:
+        return self.extractor.device
+
+    def preprocess_for(self, frame_shape: tuple[int, ...]) -> Preprocess:
+        c = self.config
+        if c.geometry == "crop":
+            return Preprocess.resize_crop(c.resize, c.crop)
+        h, w = c.frame_size or frame_shape[:2]
+        return Preprocess.full_frame(h, w)
+
+    def model_meta(self, preprocess: Preprocess) -> dict:
+        c = self.config
+        return {
+            "backbone": c.backbone,
+            "weights_id": self.backbone.weights_id,
+            "preprocess": preprocess.describe(),
+            "levels": list(c.levels),
+            "normalize_global": c.normalize_global,
+        }
+
+    # -- features -------------------------------------------------------------------------------
+    def features(self, frames: list[np.ndarray], preprocess: Preprocess, bgr: bool = False):
+        feats = self.extractor(preprocess.batch(frames, bgr=bgr))
+        if self.config.normalize_global:
+            feats.global_ = F.normalize(feats.global_, dim=1)
+        return feats
+
+    # -- reference banks ------------------------------------------------------------------------
+    def build_bank(self, frames: Iterable[tuple[int, np.ndarray]], sources: list[str],
+                   total: int | None = None, progress: bool = True, bgr: bool = False) -> ReferenceBank:
+        """Features of normal frames given as (group, frame) pairs; group = clip or folder index.
+
+        Memory stays within about twice max_frames: whenever the store reaches that, it is
+        reduced to max_frames with the configured subsampling.
+        """
+        from tqdm import tqdm
+
+        c = self.config
+        preprocess = None
+        store_g, store_p, store_grp = [], {lv: [] for lv in c.levels}, []
+        pending: list[np.ndarray] = []
+        pending_grp: list[int] = []
+        seen = 0
+
+        def flush():
+            feats = self.features(pending, preprocess, bgr=bgr)
+            store_g.append(feats.global_.half().cpu())
+            for lv in c.levels:
+                store_p[lv].append(feats.pyramid[lv].half().cpu())
+            store_grp.extend(pending_grp)
+            pending.clear()
+            pending_grp.clear()
+
+        def reduce():
+            g = torch.cat(store_g)
+            keep = self._subsample(g, c.max_frames)
+            store_g[:] = [g[keep]]
+            for lv in c.levels:
+                store_p[lv][:] = [torch.cat(store_p[lv])[keep]]
+            store_grp[:] = [store_grp[i] for i in keep.tolist()]
+
+        bar = tqdm(total=total, desc="reference frames", unit="frame", disable=not progress, leave=False)
+        for group, frame in frames:
+            if preprocess is None:
+                preprocess = self.preprocess_for(frame.shape)
+            pending.append(frame)
+            pending_grp.append(int(group))
+            seen += 1
+            if len(pending) == c.batch_size:
+                flush()
+                bar.update(c.batch_size)
+                if len(store_grp) >= 2 * c.max_frames:
+                    reduce()
+        if pending:
+            bar.update(len(pending))
+            flush()
+        bar.close()
+        if preprocess is None:
+            from .errors import DataError
+
+            raise DataError(f"no frames found in {', '.join(sources) or 'the given sources'}: nothing to build a bank from")
+        if len(store_grp) > c.max_frames:
+            reduce()
+        meta = self.model_meta(preprocess)
+        meta.update({"sources": sources, "frames_seen": seen, "subsample": c.subsample,
+                     "config": c.as_dict()})
+        return ReferenceBank(
+            global_feats=torch.cat(store_g),
+            pyramid={lv: torch.cat(store_p[lv]) for lv in c.levels},
+            groups=torch.tensor(store_grp, dtype=torch.int32),
+            meta=meta,
+        )
+
+    def _subsample(self, global_feats: torch.Tensor, budget: int) -> torch.Tensor:
+        if self.config.subsample == "kcenter":
+            return kcenter_greedy(global_feats, budget)
+        return uniform_subsample(global_feats.shape[0], budget)
+
+    # -- scoring --------------------------------------------------------------------------------
+    def bank_preprocess(self, bank: ReferenceBank) -> Preprocess:
+        p = bank.meta["preprocess"]
+        return Preprocess(size=tuple(p["size"]), resize=p["resize"])
+
+    def score(self, frames: list[np.ndarray], bank: ReferenceBank, maps: str = "flagged",
+              bgr: bool = False, tau: float | None = None) -> ScoreResult:
+        """Score a batch against one scene's bank.
+
+        maps: "all" computes anomaly maps for every frame, "flagged" only for frames whose DN2
+        score exceeds tau (the gate), "none" for no frame. With image_score="map_max" every
+        frame needs its map, so maps are computed for all.
+        """
+        c = self.config
+        preprocess = self.bank_preprocess(bank)
+        feats = self.features(frames, preprocess, bgr=bgr)
+        k = max(c.k_image, c.k_pixel)
+        bank_global = bank.global_feats
+        d2, idx = knn(feats.global_, bank_global, k)
+        dn2 = d2[:, : c.k_image].mean(1)
+        if c.image_score == "map_max":
+            maps = "all"
+        if maps == "all":
+            rows = list(range(len(frames)))
+        elif maps == "flagged":
+            tau = bank.thresholds.get("tau") if tau is None else tau
+            rows = [] if tau is None else torch.nonzero(dn2 > tau).flatten().tolist()
+        else:
+            rows = []
+        out_maps = None
+        if rows:
+            sel = torch.tensor(rows, device=feats.global_.device)
+            pyr = {lv: feats.pyramid[lv][sel] for lv in c.levels}
+            out_maps = anomaly_maps(pyr, bank.pyramid, idx[sel, : c.k_pixel], preprocess.size,
+                                    sigma=c.sigma).cpu().numpy()
+        image_scores = dn2.cpu().numpy()
+        if c.image_score == "map_max":
+            image_scores = out_maps.reshape(len(rows), -1).max(1)
+        return ScoreResult(image_scores=image_scores, dn2_scores=dn2.cpu().numpy(),
+                           neighbours=idx.cpu().numpy(), maps=out_maps, map_rows=rows)
+
+    def iter_scores(self, frames: Iterable[np.ndarray], bank: ReferenceBank, maps: str = "all",
+                    bgr: bool = False) -> Iterator[tuple[np.ndarray, float, np.ndarray | None]]:
+        """(frame, image score, map or None) for each frame of a stream, batched internally."""
+        batch: list[np.ndarray] = []
+
+        def run():
+            res = self.score(batch, bank, maps=maps, bgr=bgr)
+            map_of = dict(zip(res.map_rows, res.maps if res.maps is not None else []))
+            for i, f in enumerate(batch):
+                yield f, float(res.image_scores[i]), map_of.get(i)
+            batch.clear()
+
+        for frame in frames:
+            batch.append(frame)
+            if len(batch) == self.config.batch_size:
+                yield from run()
+        if batch:
+            yield from run()
+
+
+__all__ = ["PRESETS", "ScoreResult", "Spade", "SpadeConfig", "dn2_scores", "preset"]

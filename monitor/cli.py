@@ -1,0 +1,203 @@
+"""The `spade-monitor` command. User mistakes end in one line on stderr, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("spade_monitor")
+
+
+def _model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+    from engine.spade import PRESETS
+
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
+                   help=f"settings to start from (default: {default_preset})")
+    g.add_argument("--backbone", help="efficientnet_lite0, resnet18 or wide_resnet50_2")
+    g.add_argument("--weights", help="backbone weights file (default: packaged or torch hub cache)")
+    g.add_argument("--levels", help="pyramid levels, comma-separated, from s4,s8,s16")
+    g.add_argument("--k-image", type=int, help="K of the DN2 gate")
+    g.add_argument("--k-pixel", type=int, help="K nearest frames searched by pixel matching")
+    g.add_argument("--frame-size", help="HxW full-frame model input (default: native)")
+    g.add_argument("--max-frames", type=int, help="reference frames kept per bank")
+    g.add_argument("--subsample", choices=["uniform", "kcenter"])
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+
+
+def _config_from(args):
+    from engine.errors import ConfigError
+    from engine.spade import preset
+
+    frame_size = None
+    if args.frame_size:
+        try:
+            h, w = (int(v) for v in args.frame_size.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--frame-size: '{args.frame_size}' is not HxW, e.g. 256x256") from None
+        frame_size = (h, w)
+    return preset(
+        args.preset, backbone=args.backbone, weights=args.weights,
+        levels=tuple(args.levels.split(",")) if args.levels else None,
+        k_image=args.k_image, k_pixel=args.k_pixel, frame_size=frame_size,
+        max_frames=args.max_frames, subsample=args.subsample, batch_size=args.batch_size,
+        device=args.device, precision=args.precision,
+    )
+
+
+def cmd_evaluate(args) -> int:
+    from engine.evaluate import evaluate_mvtec, evaluate_video
+
+    config = _config_from(args)
+    progress = not args.quiet and sys.stderr.isatty()
+    if args.kind == "mvtec":
+        report = evaluate_mvtec(args.root, config, category=args.category, pictures=args.pictures,
+                                progress=progress, log=log.info)
+    else:
+        report = evaluate_video(args.root, config, layout=args.layout, pictures=args.pictures,
+                                progress=progress, log=log.info)
+    print(report.table)
+    p = report.payload
+    print(f"precision {p['precision']} on {p['device']}, peak memory {p['peak_memory_mb']:.0f} MiB")
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_reference_build(args) -> int:
+    from engine.reference import build_reference
+    from engine.spade import Spade
+
+    _check_name(args.scene, "--scene")
+    spade = Spade(_config_from(args))
+    bank = build_reference(spade, args.source, args.scene, progress=not args.quiet)
+    bank.save(args.out)
+    t = bank.thresholds
+    print(f"scene {args.scene}: {len(bank)} frames ({bank.bytes_per_frame() / 1024:.0f} KiB each), "
+          f"tau {t['tau']:.4g}, theta {t['theta']:.4g} -> {args.out}")
+    return 0
+
+
+def cmd_reference_calibrate(args) -> int:
+    from engine.bank import ReferenceBank
+    from engine.calibrate import calibrate
+    from engine.spade import SpadeConfig
+
+    bank = ReferenceBank.load(args.bank)
+    config = SpadeConfig(**{k: v for k, v in bank.meta["config"].items()
+                            if k in SpadeConfig.__dataclass_fields__})
+    t = calibrate(bank, config, args.image_quantile, args.pixel_quantile)
+    bank.save(args.bank)
+    print(f"tau {t['tau']:.4g} (q={t['image_quantile']}), theta {t['theta']:.4g} (q={t['pixel_quantile']}) -> {args.bank}")
+    return 0
+
+
+def cmd_reference_info(args) -> int:
+    from engine.bank import ReferenceBank
+
+    bank = ReferenceBank.load(args.bank)
+    info = {k: v for k, v in bank.meta.items() if k != "config"}
+    info["bytes_per_frame"] = bank.bytes_per_frame()
+    info["pyramid_shapes"] = {k: list(v.shape[1:]) for k, v in bank.pyramid.items()}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_demo_scene(args) -> int:
+    from engine.synthetic import make_scene
+
+    info = make_scene(args.out, seed=args.seed)
+    print(f"synthetic scene written to {info.root}")
+    return 0
+
+
+def _check_name(name: str, what: str) -> None:
+    import re
+
+    from engine.errors import ConfigError
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name or ""):
+        raise ConfigError(f"{what} '{name}': use 1-64 letters, digits, '_', '-' or '.'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spade-monitor", description=__doc__)
+    parser.add_argument("--log-json", action="store_true", help="log as JSON lines")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("evaluate", help="accuracy on MVTec-AD-layout or video anomaly datasets")
+    ev_sub = ev.add_subparsers(dest="kind", required=True)
+    mv = ev_sub.add_parser("mvtec", help="image ROCAUC, pixel ROCAUC and PRO per category")
+    mv.add_argument("--root", required=True, type=Path, help="dataset root, or one category folder")
+    mv.add_argument("--category", help="evaluate only this category")
+    _model_args(mv, "inspection")
+    vd = ev_sub.add_parser("video", help="frame ROCAUC (micro, macro) and pixel ROCAUC")
+    vd.add_argument("--root", required=True, type=Path)
+    vd.add_argument("--layout", choices=["ped2", "shanghaitech"], help="detected when omitted")
+    _model_args(vd, "camera")
+    for p in (mv, vd):
+        p.add_argument("--json", type=Path, help="write the results as JSON")
+        p.add_argument("--pictures", type=Path, help="write overlays and timelines into this folder")
+        p.set_defaults(func=cmd_evaluate)
+
+    ref = sub.add_parser("reference", help="build and manage per-scene reference banks")
+    ref_sub = ref.add_subparsers(dest="action", required=True)
+    b = ref_sub.add_parser("build", help="build and calibrate a bank from normal frames")
+    b.add_argument("--scene", required=True)
+    b.add_argument("--source", required=True, action="append", help="folder of frames/images or a video (repeatable)")
+    b.add_argument("--out", required=True, type=Path)
+    _model_args(b, "camera")
+    b.set_defaults(func=cmd_reference_build)
+    c = ref_sub.add_parser("calibrate", help="recompute tau and theta of a bank")
+    c.add_argument("bank", type=Path)
+    c.add_argument("--image-quantile", type=float)
+    c.add_argument("--pixel-quantile", type=float)
+    c.set_defaults(func=cmd_reference_calibrate)
+    i = ref_sub.add_parser("info", help="print a bank's metadata")
+    i.add_argument("bank", type=Path)
+    i.set_defaults(func=cmd_reference_info)
+
+    d = sub.add_parser("demo-scene", help="write a synthetic ShanghaiTech-style scene")
+    d.add_argument("--out", required=True, type=Path)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo_scene)
+    return parser
+
+
+def _setup_logging(as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        class JsonFormatter(logging.Formatter):
+            def format(self, record):
+                return json.dumps({"ts": record.created, "level": record.levelname,
+                                   "logger": record.name, "msg": record.getMessage()})
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.errors import SpadeError
+
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_json)
+    try:
+        return args.func(args)
+    except SpadeError as exc:
+        print(f"spade-monitor: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spade-monitor: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
