@@ -29,8 +29,8 @@ def holdout_folds(groups: torch.Tensor) -> torch.Tensor:
 
 
 def holdout_scores(bank: ReferenceBank, config: SpadeConfig, max_eval: int = 240,
-                   pixel_samples: int = 2_000_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(image scores, sampled pixel scores) of bank frames scored against the other folds."""
+                   pixel_samples: int = 2_000_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image scores, DN2 scores, sampled pixel scores) of bank frames scored against the other folds."""
     folds = holdout_folds(bank.groups)
     n = len(bank)
     if folds.unique().numel() < 2:
@@ -38,7 +38,7 @@ def holdout_scores(bank: ReferenceBank, config: SpadeConfig, max_eval: int = 240
     eval_idx = torch.linspace(0, n - 1, min(max_eval, n)).round().long().unique()
     size = tuple(bank.meta["preprocess"]["size"])
     rng = np.random.default_rng(seed)
-    image_scores, pixel_values = [], []
+    image_scores, dn2_scores, pixel_values = [], [], []
     per_frame_pixels = max(1, pixel_samples // len(eval_idx))
     for fold in folds.unique().tolist():
         q = eval_idx[folds[eval_idx] == fold]
@@ -56,19 +56,30 @@ def holdout_scores(bank: ReferenceBank, config: SpadeConfig, max_eval: int = 240
                                 sigma=config.sigma).numpy()
             flat = maps.reshape(len(qb), -1)
             image_scores.append(flat.max(1) if config.image_score == "map_max" else dn2)
+            dn2_scores.append(dn2)
             take = rng.integers(0, flat.shape[1], size=(len(qb), min(per_frame_pixels, flat.shape[1])))
             pixel_values.append(np.take_along_axis(flat, take, 1).ravel())
-    return np.concatenate(image_scores), np.concatenate(pixel_values)
+    return np.concatenate(image_scores), np.concatenate(dn2_scores), np.concatenate(pixel_values)
 
 
 def calibrate(bank: ReferenceBank, config: SpadeConfig, image_quantile: float | None = None,
-              pixel_quantile: float | None = None) -> dict:
-    """Set tau and theta in the bank from held-out normal scores and return them."""
+              pixel_quantile: float | None = None, gate_quantile: float | None = None) -> dict:
+    """Set the thresholds in the bank from held-out normal scores and return them.
+
+    tau: the image-score threshold (frame flagged); gate_tau: the DN2 threshold above which a
+    frame is escalated to pixel matching. They differ when the image score is the map's peak:
+    the gate then runs below tau's quantile so that it lets through what the map may flag.
+    """
     iq = config.image_quantile if image_quantile is None else image_quantile
     pq = config.pixel_quantile if pixel_quantile is None else pixel_quantile
-    image, pixel = holdout_scores(bank, config)
+    gq = config.gate_quantile if gate_quantile is None else gate_quantile
+    if config.image_score == "dn2":
+        gq = iq
+    image, dn2, pixel = holdout_scores(bank, config)
     thresholds = {
         "tau": float(np.quantile(image, iq)),
+        "gate_tau": float(np.quantile(dn2, gq)),
+        "gate_quantile": gq,
         "theta": float(np.quantile(pixel, pq)),
         "image_quantile": iq,
         "pixel_quantile": pq,

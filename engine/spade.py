@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import build_backbone
+from .backbones import Features, build_backbone
 from .bank import ReferenceBank, kcenter_greedy, uniform_subsample
 from .errors import ConfigError
 from .features import FeatureExtractor
@@ -35,7 +35,11 @@ class SpadeConfig:
     sigma: float = 4.0
     image_score: str = "dn2"  # "dn2" (global kNN) or "map_max" (max of the anomaly map)
     temporal_window: int = 1  # frames averaged into a video frame score (1 = none)
+    # Weight of each pyramid cell's change since the stream's previous frame, appended to its
+    # features: speed tells a cyclist from a walker where appearance alone does not.
+    temporal_diff: float = 0.0
     image_quantile: float = 0.99  # tau = this quantile of held-out normal image scores
+    gate_quantile: float = 0.9  # gate_tau for map_max scoring: DN2 quantile that escalates
     pixel_quantile: float = 0.999  # theta = this quantile of held-out normal pixel scores
     max_frames: int = 5000
     subsample: str = "uniform"  # or "kcenter"
@@ -83,7 +87,7 @@ PRESETS: dict[str, SpadeConfig] = {
                              normalize_global=False, image_score="dn2"),
     # Fixed cameras: native resolution, frame score = peak of the map, smoothed over frames.
     "camera": SpadeConfig(geometry="full", levels=("s8", "s16"), k_image=10, k_pixel=10,
-                          image_score="map_max", temporal_window=5),
+                          image_score="map_max", temporal_window=5, temporal_diff=1.0),
     # Inspection images (MVTec layout).
     "inspection": SpadeConfig(geometry="crop", levels=("s8", "s16"), k_image=10, k_pixel=10,
                               image_score="dn2"),
@@ -109,11 +113,14 @@ class ScoreResult:
 class Spade:
     """The SPADE model: one backbone plus the settings; a bank supplies each scene's data."""
 
-    def __init__(self, config: SpadeConfig):
+    def __init__(self, config: SpadeConfig, extractor: FeatureExtractor | None = None):
+        """`extractor` lets scenes with the same backbone share one model in memory."""
         self.config = config
-        backbone = build_backbone(config.backbone, config.weights)
-        self.extractor = FeatureExtractor(backbone, config.levels, config.device, config.precision)
-        self.backbone = backbone
+        if extractor is None:
+            backbone = build_backbone(config.backbone, config.weights)
+            extractor = FeatureExtractor(backbone, config.levels, config.device, config.precision)
+        self.extractor = extractor
+        self.backbone = extractor.backbone
 
     @property
     def device(self) -> torch.device:
@@ -126,6 +133,22 @@ class Spade:
         h, w = c.frame_size or frame_shape[:2]
         return Preprocess.full_frame(h, w)
 
+    @classmethod
+    def for_bank(cls, bank: ReferenceBank, extractor: FeatureExtractor | None = None, **overrides) -> "Spade":
+        """The model a bank was built with, with run-time settings (device, K...) overridden."""
+        fields = SpadeConfig.__dataclass_fields__
+        stored = {k: v for k, v in bank.meta.get("config", {}).items() if k in fields}
+        stored.update({k: v for k, v in overrides.items() if v is not None})
+        model = cls(SpadeConfig(**stored), extractor=extractor)
+        bank.check_compatible(model.model_meta(model.bank_preprocess(bank)), bank.meta.get("scene", "bank"))
+        return model
+
+    def signature(self) -> tuple:
+        """Scenes whose models share a signature can share one backbone pass."""
+        c = self.config
+        return (c.backbone, self.backbone.weights_id, tuple(c.levels), c.normalize_global,
+                str(self.device), self.extractor.precision)
+
     def model_meta(self, preprocess: Preprocess) -> dict:
         c = self.config
         return {
@@ -134,14 +157,46 @@ class Spade:
             "preprocess": preprocess.describe(),
             "levels": list(c.levels),
             "normalize_global": c.normalize_global,
+            "temporal_diff": c.temporal_diff,
         }
 
     # -- features -------------------------------------------------------------------------------
-    def features(self, frames: list[np.ndarray], preprocess: Preprocess, bgr: bool = False):
+    def features(self, frames: list[np.ndarray], preprocess: Preprocess, bgr: bool = False,
+                 streams: list | None = None, context: dict | None = None) -> Features:
+        """Backbone features of a batch, with temporal channels when the config asks for them.
+
+        streams names the stream (camera, clip) of each frame, in order; context maps a stream
+        to the raw pyramid of its last frame and is updated here. Without a previous frame
+        (the first of a stream) a frame's change is zero.
+        """
         feats = self.extractor(preprocess.batch(frames, bgr=bgr))
         if self.config.normalize_global:
             feats.global_ = F.normalize(feats.global_, dim=1)
+        if self.config.temporal_diff > 0:
+            feats.pyramid = self._with_change(feats.pyramid, streams or [None] * len(frames),
+                                              {} if context is None else context)
         return feats
+
+    def _with_change(self, pyramid: dict[str, torch.Tensor], streams: list, context: dict) -> dict:
+        w = self.config.temporal_diff
+        prev_index = []  # for each frame: index of its predecessor in the batch, or -1
+        last_in_batch: dict = {}
+        for i, key in enumerate(streams):
+            prev_index.append(last_in_batch.get(key, -1))
+            last_in_batch[key] = i
+        out = {}
+        for level, cur in pyramid.items():
+            prev = cur.clone()
+            for i, key in enumerate(streams):
+                if prev_index[i] >= 0:
+                    prev[i] = cur[prev_index[i]]
+                elif key in context:
+                    prev[i] = context[key][level].to(cur.device)
+            out[level] = torch.cat([cur, w * (cur - prev)], dim=1)
+        for key, i in last_in_batch.items():
+            if key is not None:
+                context[key] = {level: cur[i].clone() for level, cur in pyramid.items()}
+        return out
 
     # -- reference banks ------------------------------------------------------------------------
     def build_bank(self, frames: Iterable[tuple[int, np.ndarray]], sources: list[str],
@@ -160,8 +215,10 @@ class Spade:
         pending_grp: list[int] = []
         seen = 0
 
+        context: dict = {}
+
         def flush():
-            feats = self.features(pending, preprocess, bgr=bgr)
+            feats = self.features(pending, preprocess, bgr=bgr, streams=list(pending_grp), context=context)
             store_g.append(feats.global_.half().cpu())
             for lv in c.levels:
                 store_p[lv].append(feats.pyramid[lv].half().cpu())
@@ -220,48 +277,58 @@ class Spade:
         return Preprocess(size=tuple(p["size"]), resize=p["resize"])
 
     def score(self, frames: list[np.ndarray], bank: ReferenceBank, maps: str = "flagged",
-              bgr: bool = False, tau: float | None = None) -> ScoreResult:
-        """Score a batch against one scene's bank.
+              bgr: bool = False, tau: float | None = None, streams: list | None = None,
+              context: dict | None = None) -> ScoreResult:
+        """Score a batch of one scene's frames against its bank (see score_features)."""
+        feats = self.features(frames, self.bank_preprocess(bank), bgr=bgr, streams=streams, context=context)
+        return self.score_features(feats, bank, maps=maps, tau=tau)
+
+    def score_features(self, feats, bank: ReferenceBank, maps: str = "flagged",
+                       tau: float | None = None) -> ScoreResult:
+        """Gate, then pixel matching for the frames that need it.
 
         maps: "all" computes anomaly maps for every frame, "flagged" only for frames whose DN2
-        score exceeds tau (the gate), "none" for no frame. With image_score="map_max" every
-        frame needs its map, so maps are computed for all.
+        score exceeds tau (the gate; default: the bank's calibrated gate_tau), "none" for none.
+        With image_score="map_max", image_scores hold the map peak where a map was computed
+        and NaN elsewhere (an unescalated frame is below the gate, hence normal).
+        Features of several scenes can share one backbone pass: slice them per scene.
         """
         c = self.config
-        preprocess = self.bank_preprocess(bank)
-        feats = self.features(frames, preprocess, bgr=bgr)
+        size = tuple(bank.meta["preprocess"]["size"])
         k = max(c.k_image, c.k_pixel)
-        bank_global = bank.global_feats
-        d2, idx = knn(feats.global_, bank_global, k)
+        d2, idx = knn(feats.global_, bank.global_feats, k)
         dn2 = d2[:, : c.k_image].mean(1)
-        if c.image_score == "map_max":
-            maps = "all"
+        batch = dn2.shape[0]
         if maps == "all":
-            rows = list(range(len(frames)))
+            rows = list(range(batch))
         elif maps == "flagged":
-            tau = bank.thresholds.get("tau") if tau is None else tau
+            th = bank.thresholds
+            tau = th.get("gate_tau", th.get("tau")) if tau is None else tau
             rows = [] if tau is None else torch.nonzero(dn2 > tau).flatten().tolist()
         else:
             rows = []
         out_maps = None
         if rows:
-            sel = torch.tensor(rows, device=feats.global_.device)
+            sel = torch.tensor(rows, device=dn2.device)
             pyr = {lv: feats.pyramid[lv][sel] for lv in c.levels}
-            out_maps = anomaly_maps(pyr, bank.pyramid, idx[sel, : c.k_pixel], preprocess.size,
+            out_maps = anomaly_maps(pyr, bank.pyramid, idx[sel, : c.k_pixel], size,
                                     sigma=c.sigma).cpu().numpy()
         image_scores = dn2.cpu().numpy()
         if c.image_score == "map_max":
-            image_scores = out_maps.reshape(len(rows), -1).max(1)
+            image_scores = np.full(batch, np.nan, dtype=np.float32)
+            if rows:
+                image_scores[rows] = out_maps.reshape(len(rows), -1).max(1)
         return ScoreResult(image_scores=image_scores, dn2_scores=dn2.cpu().numpy(),
                            neighbours=idx.cpu().numpy(), maps=out_maps, map_rows=rows)
 
     def iter_scores(self, frames: Iterable[np.ndarray], bank: ReferenceBank, maps: str = "all",
                     bgr: bool = False) -> Iterator[tuple[np.ndarray, float, np.ndarray | None]]:
-        """(frame, image score, map or None) for each frame of a stream, batched internally."""
+        """(frame, image score, map or None) for each frame of one stream, batched internally."""
         batch: list[np.ndarray] = []
+        context: dict = {}
 
         def run():
-            res = self.score(batch, bank, maps=maps, bgr=bgr)
+            res = self.score(batch, bank, maps=maps, bgr=bgr, streams=[0] * len(batch), context=context)
             map_of = dict(zip(res.map_rows, res.maps if res.maps is not None else []))
             for i, f in enumerate(batch):
                 yield f, float(res.image_scores[i]), map_of.get(i)

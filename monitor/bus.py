@@ -1,0 +1,636 @@
+"""Frame buses: the queue between camera ingest and the engine.
+
+Two implementations share one interface (FrameBus):
+- InProcessBus: per-camera deques in memory, for ingest threads and the engine in one process.
+- RedisFrameBus: one Redis stream per camera (`frames:<camera>`), read through a consumer group,
+  so several engine processes can share cameras and frames of a dead consumer can be reclaimed.
+
+Delivery is at-least-once: a frame stays pending until ack(); callers ack only after publishing
+results, and must ack corrupt entries too (BusMessage.frame is None) so they never block a stream.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from engine.errors import ConfigError, DataError, SpadeError
+from monitor.frames import NAME_RE, Frame, decode_frame, encode_frame
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STREAM_PREFIX = "frames:"
+ENGINE_BEHIND = "engine_behind"  # drop reason: the camera's buffer was full
+REDIS_DOWN = "redis_down"  # drop reason: Redis unreachable for a live frame
+
+BACKOFF_START_S = 0.2
+BACKOFF_MAX_S = 2.0
+LIVE_PUT_BUDGET_S = 1.0  # live ingest must not stall longer than this on an outage
+BLOCK_MAX_S = 1.0  # cap on one XREADGROUP BLOCK, so close() and outages are noticed quickly
+SOCKET_TIMEOUT_S = 5.0  # must exceed BLOCK_MAX_S
+DISCOVER_EVERY_S = 2.0
+DISCOVER_EMPTY_EVERY_S = 0.25  # scan more often while no camera stream is known yet
+REPLAY_POLL_START_S = 0.01
+REPLAY_POLL_MAX_S = 0.1
+CLAIM_PAGE = 100
+
+
+class BusClosed(SpadeError):
+    """put() on a closed bus, or a blocked replay put() woken by close()."""
+
+
+class BusUnavailable(SpadeError):
+    """Redis could not be reached within the time allowed for this call."""
+
+
+@dataclass
+class BusMessage:
+    id: str  # opaque: '<camera>/<entry id>' for Redis (entry ids are unique per stream only), a counter in-process
+    frame: Frame | None  # None if the entry was corrupt; then `error` says why, in one line
+    error: str | None = None
+
+
+@dataclass
+class BusStats:
+    """Counters of one bus object (one process): the producer side sees drops, the consumer side corrupt entries."""
+
+    put: dict[str, int] = field(default_factory=dict)  # frames accepted, per camera
+    dropped: dict[str, int] = field(default_factory=dict)  # frames lost, per camera, all reasons
+    dropped_by_reason: dict[tuple[str, str], int] = field(default_factory=dict)  # (camera, reason) -> n
+    corrupt: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count_put(self, camera: str) -> None:
+        with self._lock:
+            self.put[camera] = self.put.get(camera, 0) + 1
+
+    def count_drop(self, camera: str, reason: str, n: int = 1) -> None:
+        if n <= 0:
+            return
+        with self._lock:
+            self.dropped[camera] = self.dropped.get(camera, 0) + n
+            key = (camera, reason)
+            self.dropped_by_reason[key] = self.dropped_by_reason.get(key, 0) + n
+
+    def count_corrupt(self, n: int = 1) -> None:
+        with self._lock:
+            self.corrupt += n
+
+    def snapshot(self) -> BusStats:
+        with self._lock:
+            return BusStats(dict(self.put), dict(self.dropped), dict(self.dropped_by_reason), self.corrupt)
+
+
+class FrameBus(Protocol):
+    stats: BusStats
+
+    def put(self, frame: Frame, *, live: bool) -> None:
+        """live=True: never block, drop the camera's oldest frame when full. live=False: block, never drop."""
+
+    def get_batch(self, max_frames: int, max_wait_s: float) -> list[BusMessage]:
+        """Up to max_frames, fair across cameras; returns early when full, else after max_wait_s."""
+
+    def ack(self, ids: list[str]) -> None:
+        """Forget delivered frames; call only after their results are published."""
+
+    def claim_stale(self, min_idle_s: float) -> list[BusMessage]:
+        """Take over frames delivered to a consumer that died before acking them."""
+
+    def pending(self) -> int:
+        """Frames waiting plus frames delivered but not acked."""
+
+    def close(self) -> None:
+        ...
+
+
+def _check_max_len(max_len: int) -> int:
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ConfigError(f"frame bus max_len must be a positive integer, got {max_len!r}")
+    return max_len
+
+
+class InProcessBus:
+    """Thread-safe in-memory bus: per-camera deques guarded by one Condition. Frames are not copied."""
+
+    def __init__(self, max_len: int = 256):
+        self.max_len = _check_max_len(max_len)
+        self.stats = BusStats()
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[BusMessage]] = {}
+        self._inflight: dict[str, BusMessage] = {}
+        self._ids = itertools.count()
+        self._rr = 0  # rotates which camera goes first, so no camera is favoured
+        self._closed = False
+
+    def put(self, frame: Frame, *, live: bool) -> None:
+        with self._cond:
+            if self._closed:
+                raise BusClosed("frame bus is closed")
+            queue = self._queues.setdefault(frame.camera, deque())
+            if live:
+                if len(queue) >= self.max_len:
+                    queue.popleft()
+                    self.stats.count_drop(frame.camera, ENGINE_BEHIND)
+            else:
+                while len(queue) >= self.max_len and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    raise BusClosed("frame bus closed while a replay frame waited for room")
+            queue.append(BusMessage(str(next(self._ids)), frame))
+            self.stats.count_put(frame.camera)
+            self._cond.notify_all()
+
+    def _queued(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def get_batch(self, max_frames: int, max_wait_s: float) -> list[BusMessage]:
+        if max_frames <= 0:
+            return []
+        deadline = time.monotonic() + max(0.0, max_wait_s)
+        with self._cond:
+            while self._queued() < max_frames and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            cameras = list(self._queues)
+            if not cameras:
+                return []
+            start = self._rr % len(cameras)
+            self._rr += 1
+            order = [self._queues[c] for c in cameras[start:] + cameras[:start]]
+            batch: list[BusMessage] = []
+            while len(batch) < max_frames and any(order):
+                for queue in order:
+                    if queue and len(batch) < max_frames:
+                        batch.append(queue.popleft())
+            for msg in batch:
+                self._inflight[msg.id] = msg
+            if batch:
+                self._cond.notify_all()  # room for blocked replay producers
+            return batch
+
+    def ack(self, ids: list[str]) -> None:
+        with self._cond:
+            for msg_id in ids:
+                self._inflight.pop(msg_id, None)
+
+    def claim_stale(self, min_idle_s: float) -> list[BusMessage]:
+        return []  # a dead consumer here means a dead process: its frames died with it
+
+    def pending(self) -> int:
+        with self._cond:
+            return self._queued() + len(self._inflight)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __enter__(self) -> InProcessBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _redact_url(url: str) -> str:
+    """Drop userinfo and query (either may hold a password) so the URL can be logged."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    except ValueError:
+        return "<unparsable redis url>"
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+class _GaveUp(Exception):
+    """Internal: the retry budget of one call ran out while Redis was unreachable."""
+
+
+def _is_nogroup(exc: BaseException) -> bool:
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("NOGROUP")
+
+
+def _camera_of(stream: str) -> str:
+    return stream[len(STREAM_PREFIX):]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisFrameBus:
+    """One Redis stream per camera, consumed through a consumer group.
+
+    Acked entries are deleted (XACK + XDEL), so a stream holds only frames not yet done: XLEN is the
+    camera's backlog (waiting + delivered-not-acked), and a live MAXLEN trim only ever removes
+    unfinished frames, which is what counts as a drop.
+
+    Live drops are counted by XLEN before/after each XADD (in one MULTI). MAXLEN ~ lets Redis trim only
+    whole stream nodes (100 entries by default), so a camera buffers between max_len and about
+    max_len + 100 frames, and drops come in chunks; a trimmed frame may already have been delivered
+    (it is then lost only if its consumer dies). Drops are counted by the producer's bus object.
+    """
+
+    def __init__(self, url: str, *, group: str = "engine", consumer: str | None = None, max_len: int = 256,
+                 codec: str = "jpeg", jpeg_quality: int = 90, cameras: list[str] | None = None):
+        if codec not in ("jpeg", "raw"):
+            raise ConfigError(f"frame bus codec must be 'jpeg' or 'raw', got {codec!r}")
+        for camera in cameras or []:
+            if not NAME_RE.match(camera):
+                raise ConfigError(f"camera id {camera!r} is not a valid name (letters, digits, _ . -)")
+        self.max_len = _check_max_len(max_len)
+        self.group = group
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.codec = codec
+        self.jpeg_quality = jpeg_quality
+        self.stats = BusStats()
+        self.url_for_logs = _redact_url(url)
+        self._password = _url_password(url)
+        # No client-side retries: our own helper owns backoff and the live-put time budget.
+        self._redis = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=1.0,
+                                           retry=Retry(NoBackoff(), 0), protocol=2)
+        self._fixed_cameras = list(cameras) if cameras is not None else None
+        self._known: dict[str, None] = {}  # discovered or produced stream names, insertion-ordered
+        self._next_scan = 0.0
+        self._grouped: set[str] = set()  # streams whose group exists, as far as we know
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._down = False
+        self._carry: deque[BusMessage] = deque()  # read beyond max_frames by a blocking read; served first
+        self._rr = 0
+
+    # ---- retry helper -------------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], T], *, budget_s: float | None) -> T:
+        """Run fn; on a connection error back off and retry until it works, budget_s runs out, or close()."""
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        delay = BACKOFF_START_S
+        while True:
+            if self._closed.is_set():
+                raise BusClosed("frame bus is closed")
+            try:
+                result = fn()
+            except redis.AuthenticationError:
+                raise BusUnavailable(f"Redis at {self.url_for_logs} refused the credentials; "
+                                     "check the user and password in the bus URL") from None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if self._closed.is_set():
+                    raise BusClosed("frame bus is closed") from None
+                self._mark_down(exc)
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise _GaveUp() from None
+                pause = delay if deadline is None else min(delay, deadline - now)
+                self._closed.wait(pause)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            self._mark_up()
+            return result
+
+    def _mark_down(self, exc: BaseException) -> None:
+        with self._lock:
+            self._grouped.clear()  # a restarted server has lost its groups
+            if self._down:
+                return
+            self._down = True
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        if self._password:
+            reason = reason.replace(self._password, "***")
+        log.warning("frame bus: Redis at %s unreachable (%s: %s); retrying with backoff, live frames are "
+                    "dropped meanwhile", self.url_for_logs, type(exc).__name__, reason)
+
+    def _mark_up(self) -> None:
+        if self._down:
+            with self._lock:
+                was_down, self._down = self._down, False
+            if was_down:
+                log.info("frame bus: Redis at %s reachable again", self.url_for_logs)
+
+    # ---- streams and groups -------------------------------------------------------------------------
+
+    @staticmethod
+    def stream_of(camera: str) -> str:
+        return STREAM_PREFIX + camera
+
+    def _ensure_groups(self, streams: list[str]) -> None:
+        """XGROUP CREATE ... 0 MKSTREAM for streams not known to have the group; BUSYGROUP is fine."""
+        with self._lock:
+            missing = [s for s in streams if s not in self._grouped]
+        if not missing:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for stream in missing:
+            pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
+        for stream, result in zip(missing, pipe.execute(raise_on_error=False)):
+            if isinstance(result, redis.ResponseError) and not str(result).startswith("BUSYGROUP"):
+                raise result
+            if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
+                raise result
+        with self._lock:
+            self._grouped.update(missing)
+
+    def _forget_groups(self) -> None:
+        with self._lock:
+            self._grouped.clear()
+
+    def _streams(self) -> list[str]:
+        """Camera streams to read: the fixed list, or those found by SCAN frames:* (refreshed now and then)."""
+        if self._fixed_cameras is not None:
+            return [self.stream_of(c) for c in self._fixed_cameras]
+        now = time.monotonic()
+        if now >= self._next_scan:
+            def scan() -> list[str]:
+                return [_text(k) for k in self._redis.scan_iter(match=STREAM_PREFIX + "*", _type="STREAM")]
+            try:
+                found = self._call(scan, budget_s=0)
+            except _GaveUp:
+                found = []
+            for stream in sorted(found):
+                if NAME_RE.match(_camera_of(stream)):
+                    self._known.setdefault(stream, None)
+            self._next_scan = now + (DISCOVER_EVERY_S if self._known else DISCOVER_EMPTY_EVERY_S)
+        return list(self._known)
+
+    # ---- producer side ------------------------------------------------------------------------------
+
+    def put(self, frame: Frame, *, live: bool) -> None:
+        if self._closed.is_set():
+            raise BusClosed("frame bus is closed")
+        stream = self.stream_of(frame.camera)
+        if self._fixed_cameras is None:
+            self._known.setdefault(stream, None)
+        fields = encode_frame(frame, self.codec, self.jpeg_quality)
+        if live:
+            if not self._put_live(frame.camera, stream, fields):
+                return
+        else:
+            self._put_replay(stream, fields)
+        self.stats.count_put(frame.camera)
+
+    def _put_live(self, camera: str, stream: str, fields: dict[bytes, bytes]) -> bool:
+        """XADD with MAXLEN ~; False if Redis stayed unreachable (the frame is dropped and counted)."""
+        def add() -> int:
+            self._ensure_groups([stream])
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xlen(stream)
+            pipe.xadd(stream, fields, maxlen=self.max_len, approximate=True)
+            pipe.xlen(stream)
+            before, _, after = pipe.execute()
+            return before + 1 - after
+
+        # Once an outage is known, try once per frame instead of stalling ingest a second per frame.
+        budget = 0.0 if self._down else LIVE_PUT_BUDGET_S
+        try:
+            trimmed = self._call(add, budget_s=budget)
+        except _GaveUp:
+            self.stats.count_drop(camera, REDIS_DOWN)
+            return False
+        self.stats.count_drop(camera, ENGINE_BEHIND, trimmed)
+        return True
+
+    def _backlog(self, stream: str) -> int:
+        """Entries not yet delivered to the group (stream length minus delivered-not-acked)."""
+        for _ in range(2):
+            self._ensure_groups([stream])
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xlen(stream)
+            pipe.xpending(stream, self.group)
+            try:
+                length, summary = pipe.execute()
+            except redis.ResponseError as exc:
+                if not _is_nogroup(exc):
+                    raise
+                self._forget_groups()
+                continue
+            return length - int(summary["pending"])
+        return 0
+
+    def _put_replay(self, stream: str, fields: dict[bytes, bytes]) -> None:
+        poll = REPLAY_POLL_START_S
+        while self._call(lambda: self._backlog(stream), budget_s=None) >= self.max_len:
+            if self._closed.wait(poll):
+                raise BusClosed("frame bus closed while a replay frame waited for room")
+            poll = min(poll * 2, REPLAY_POLL_MAX_S)
+        self._call(lambda: self._redis.xadd(stream, fields), budget_s=None)  # no MAXLEN: replay never drops
+
+    # ---- consumer side ------------------------------------------------------------------------------
+
+    def _message(self, stream: str, entry_id: bytes | str, fields: dict[bytes, bytes] | None) -> BusMessage:
+        msg_id = f"{_camera_of(stream)}/{_text(entry_id)}"
+        if fields is None:  # Redis < 7 reports a trimmed pending entry this way
+            self.stats.count_corrupt()
+            return BusMessage(msg_id, None, f"entry {msg_id} was trimmed before it was processed")
+        try:
+            return BusMessage(msg_id, decode_frame(fields))
+        except DataError as exc:
+            self.stats.count_corrupt()
+            return BusMessage(msg_id, None, f"{exc} (entry {msg_id})")
+
+    def _read_round(self, streams: list[str], need: int) -> dict[str, list[BusMessage]]:
+        """Non-blocking: read up to `need` entries, split evenly over streams (water-filling: a stream's
+        unused share goes to the others). Never reads more than asked, so nothing sits delivered to us
+        but unreturned."""
+        got: dict[str, list[BusMessage]] = {s: [] for s in streams}
+        active = list(streams)
+        while need > 0 and active:
+            # Equal shares first; the remainder (< one per stream) goes one each in rotation order.
+            base = need // len(active)
+            shares = ([(s, base) for s in active] if base else
+                      [(s, 1 if i < need else 0) for i, s in enumerate(active)])
+            asked = [(s, n) for s, n in shares if n > 0]
+            pipe = self._redis.pipeline(transaction=False)
+            for stream, n in asked:
+                pipe.xreadgroup(self.group, self.consumer, {stream: ">"}, count=n)
+            results = pipe.execute(raise_on_error=False)
+            still: list[str] = [s for s, n in shares if n == 0]
+            nogroup: list[str] = []
+            for (stream, n), result in zip(asked, results):
+                if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
+                    raise result
+                if isinstance(result, Exception):
+                    if not _is_nogroup(result):
+                        raise result
+                    nogroup.append(stream)
+                    continue
+                entries = result[0][1] if result else []
+                got[stream].extend(self._message(stream, eid, f) for eid, f in entries)
+                need -= len(entries)
+                if len(entries) == n:
+                    still.append(stream)
+            if nogroup:  # group lost (server restart, FLUSHALL): re-create and read those again
+                self._forget_groups()
+                self._ensure_groups(streams)
+                still.extend(nogroup)
+            active = [s for s in streams if s in still]
+        return got
+
+    def _read_blocking(self, streams: list[str], need: int, block_s: float) -> list[BusMessage]:
+        try:
+            result = self._redis.xreadgroup(self.group, self.consumer, {s: ">" for s in streams},
+                                            count=need, block=max(1, int(block_s * 1000)))
+        except redis.ResponseError as exc:
+            if not _is_nogroup(exc):
+                raise
+            self._forget_groups()
+            self._ensure_groups(streams)
+            return []
+        out: list[BusMessage] = []
+        for stream, entries in result or []:
+            out.extend(self._message(_text(stream), eid, f) for eid, f in entries)
+        return out
+
+    def get_batch(self, max_frames: int, max_wait_s: float) -> list[BusMessage]:
+        if max_frames <= 0:
+            return []
+        deadline = time.monotonic() + max(0.0, max_wait_s)
+        out: list[BusMessage] = []
+        while self._carry and len(out) < max_frames:
+            out.append(self._carry.popleft())
+        try:
+            while len(out) < max_frames and not self._closed.is_set():
+                streams = self._streams()
+                left = deadline - time.monotonic()
+                if not streams:
+                    if left <= 0 or self._closed.wait(min(left, DISCOVER_EMPTY_EVERY_S)):
+                        break
+                    continue
+                start = self._rr % len(streams)
+                self._rr += 1
+                streams = streams[start:] + streams[:start]
+
+                def first_round() -> dict[str, list[BusMessage]]:
+                    self._ensure_groups(streams)
+                    return self._read_round(streams, max_frames - len(out))
+                per_stream = self._call(first_round, budget_s=max(0.0, left))
+                before = len(out)
+                for i in range(max(map(len, per_stream.values()), default=0)):
+                    out.extend(msgs[i] for msgs in per_stream.values() if i < len(msgs))
+                if len(out) >= max_frames:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if len(out) > before:
+                    continue  # more may have arrived meanwhile; the next round is non-blocking
+                need = max_frames - len(out)
+                fresh = self._call(lambda: self._read_blocking(streams, need, min(left, BLOCK_MAX_S)),
+                                   budget_s=left)
+                out.extend(fresh[:need])
+                self._carry.extend(fresh[need:])
+        except (_GaveUp, BusClosed):
+            pass
+        return out
+
+    def ack(self, ids: list[str]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for msg_id in ids:
+            camera, sep, entry_id = msg_id.rpartition("/")
+            if not sep or not camera:
+                raise ValueError(f"not a Redis frame bus message id: {msg_id!r}")
+            by_stream.setdefault(self.stream_of(camera), []).append(entry_id)
+        if not by_stream:
+            return
+
+        def ack_and_delete() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            for stream, entry_ids in by_stream.items():
+                pipe.xack(stream, self.group, *entry_ids)
+                pipe.xdel(stream, *entry_ids)  # keeps XLEN == unfinished frames; see the class docstring
+            pipe.execute()
+
+        try:
+            self._call(ack_and_delete, budget_s=None)
+        except BusClosed:
+            log.warning("frame bus: closed before %d ack(s) reached Redis; those frames will be reclaimed",
+                        len(ids))
+
+    def claim_stale(self, min_idle_s: float) -> list[BusMessage]:
+        """XAUTOCLAIM entries idle >= min_idle_s from any consumer of the group to this one."""
+        def claim() -> list[BusMessage]:
+            out: list[BusMessage] = []
+            for stream in self._streams():
+                cursor: bytes | str = "0-0"
+                while True:
+                    try:
+                        reply = self._redis.xautoclaim(stream, self.group, self.consumer,
+                                                       min_idle_time=int(min_idle_s * 1000),
+                                                       start_id=cursor, count=CLAIM_PAGE)
+                    except redis.ResponseError as exc:
+                        if not _is_nogroup(exc):
+                            raise
+                        self._forget_groups()
+                        break  # no group, so nothing pending there
+                    cursor, entries = reply[0], reply[1]
+                    out.extend(self._message(stream, eid, f) for eid, f in entries)
+                    if len(reply) > 2 and reply[2]:
+                        log.info("frame bus: %d pending frame(s) of %s were trimmed before processing",
+                                 len(reply[2]), stream)
+                    if _text(cursor) == "0-0":
+                        break
+            return out
+
+        try:
+            return self._call(claim, budget_s=0)
+        except (_GaveUp, BusClosed):
+            return []
+
+    def pending(self) -> int:
+        """Sum of XLEN: acked entries are deleted, so a stream holds only waiting + delivered-not-acked."""
+        streams = self._streams()
+
+        def lengths() -> int:
+            pipe = self._redis.pipeline(transaction=False)
+            for stream in streams:
+                pipe.xlen(stream)
+            return sum(pipe.execute())
+
+        try:
+            return self._call(lengths, budget_s=LIVE_PUT_BUDGET_S)
+        except _GaveUp:
+            raise BusUnavailable(f"Redis at {self.url_for_logs} is unreachable") from None
+
+    def close(self) -> None:
+        self._closed.set()
+        self._redis.close()
+
+    def __enter__(self) -> RedisFrameBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_bus(kind: str, **kwargs: object) -> InProcessBus | RedisFrameBus:
+    """'inprocess' -> InProcessBus(max_len=...); 'redis' -> RedisFrameBus(url, ...)."""
+    if kind == "inprocess":
+        return InProcessBus(**kwargs)  # type: ignore[arg-type]
+    if kind == "redis":
+        if "url" not in kwargs:
+            raise ConfigError("the redis frame bus needs a url, e.g. redis://localhost:6379/0")
+        return RedisFrameBus(**kwargs)  # type: ignore[arg-type]
+    raise ConfigError(f"unknown frame bus {kind!r}; use 'inprocess' or 'redis'")

@@ -1,0 +1,81 @@
+"""The unit that travels from a camera to the engine, and its wire format on a frame bus."""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from engine.errors import DataError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # camera and scene ids; safe in paths and keys
+
+
+@dataclass
+class Frame:
+    camera: str
+    seq: int  # per camera, starts at 0 and never repeats within one ingest run
+    source_ts: float  # presentation time in the source, seconds
+    capture_ts: float  # wall clock when the ingest worker decoded it (time.time())
+    image: np.ndarray  # HxWx3 RGB uint8
+    run_id: str = ""  # distinguishes ingest restarts, so (camera, run_id, seq) is unique
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.camera, self.run_id, self.seq
+
+
+def encode_frame(frame: Frame, codec: str = "jpeg", quality: int = 90) -> dict[bytes, bytes]:
+    """Frame -> flat field map, as stored in a Redis stream entry."""
+    if codec == "jpeg":
+        ok, buf = cv2.imencode(".jpg", frame.image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        if not ok:
+            raise DataError(f"camera {frame.camera}: frame {frame.seq} could not be JPEG-encoded")
+        payload = buf.tobytes()
+    elif codec == "raw":
+        payload = np.ascontiguousarray(frame.image).tobytes()
+    else:
+        raise ValueError(f"unknown frame codec {codec}")
+    h, w = frame.image.shape[:2]
+    return {
+        b"camera": frame.camera.encode(),
+        b"run": frame.run_id.encode(),
+        b"seq": str(frame.seq).encode(),
+        b"source_ts": repr(frame.source_ts).encode(),
+        b"capture_ts": repr(frame.capture_ts).encode(),
+        b"codec": codec.encode(),
+        b"shape": f"{h}x{w}".encode(),
+        b"data": payload,
+    }
+
+
+def decode_frame(fields: dict[bytes, bytes]) -> Frame:
+    """Field map -> Frame. Raises DataError for a corrupt or incomplete entry."""
+    try:
+        camera = fields[b"camera"].decode()
+        seq = int(fields[b"seq"])
+        codec = fields[b"codec"].decode()
+        h, w = (int(v) for v in fields[b"shape"].decode().split("x"))
+        data = fields[b"data"]
+        if codec == "jpeg":
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if img is None or img.shape[:2] != (h, w):
+                raise ValueError("undecodable JPEG")
+            image = img[:, :, ::-1]
+        elif codec == "raw":
+            image = np.frombuffer(data, np.uint8).reshape(h, w, 3)
+        else:
+            raise ValueError(f"codec {codec}")
+        return Frame(camera=camera, seq=seq, source_ts=float(fields[b"source_ts"]),
+                     capture_ts=float(fields[b"capture_ts"]), image=image,
+                     run_id=fields.get(b"run", b"").decode())
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        cam = fields.get(b"camera", b"?").decode(errors="replace")
+        raise DataError(f"camera {cam}: corrupt frame on the bus ({exc})") from None
+
+
+def now() -> float:
+    return time.time()

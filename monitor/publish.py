@@ -1,0 +1,359 @@
+"""Sinks for results, events and status: Redis streams, a plain directory, or both.
+
+All publishers share the method names publish_result / publish_events /
+publish_status / close, so the service can fan out with MultiPublisher.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO, Protocol
+from urllib.parse import unquote, urlsplit
+
+import cv2
+import numpy as np
+
+from engine.errors import ConfigError, SpadeError
+from engine.visualize import heatmap_overlay, save_score_timeline
+from monitor.events import Event
+from monitor.frames import NAME_RE
+from monitor.results import FrameResult
+
+STATUS_MAXLEN = 1000  # status messages are a heartbeat log; a short tail is enough
+
+
+class PublishError(SpadeError):
+    """A sink is unreachable or refused a write; the caller keeps the frame unacked and retries."""
+
+
+class Publisher(Protocol):
+    def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None) -> bool: ...
+    def publish_events(self, events: Iterable[Event]) -> None: ...
+    def publish_status(self, camera: str, status: str, detail: str = "") -> None: ...
+    def close(self) -> None: ...
+
+
+def encode_overlay(frame_rgb: np.ndarray, amap: np.ndarray, theta: float | None, quality: int = 85) -> bytes:
+    """JPEG of the anomaly heat map blended over the frame, regions > theta outlined."""
+    overlay = heatmap_overlay(frame_rgb, amap, threshold=theta)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("overlay could not be JPEG-encoded")
+    return buf.tobytes()
+
+
+def redact_url(url: str) -> str:
+    """The URL without its userinfo (user and password), safe for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=netloc, query="").geturl()
+    except ValueError:
+        return "<unparsable redis URL>"
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1) == b"\n"
+
+
+def _check_name(camera: str) -> None:
+    # Camera names become Redis key parts and folder names: no ':' and no path separators.
+    if not NAME_RE.match(camera) or "/" in camera or "\\" in camera or ".." in camera:
+        raise ValueError(f"camera name {camera!r} is not safe for keys and paths (use letters, digits, _ . -)")
+
+
+# Dedupe guard and publication in one atomic step: a re-processed frame (engine
+# crashed before its ack) finds the guard set and adds nothing. A MULTI cannot
+# branch on SET NX's answer, hence a script.
+#   KEYS: dedupe, results stream, [overlay]    ARGV: dedupe ttl, maxlen, overlay ttl, jpeg, field, value, ...
+_PUBLISH_RESULT_LUA = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return false
+end
+if #KEYS >= 3 then
+  redis.call('SETEX', KEYS[3], ARGV[3], ARGV[4])
+end
+local cmd = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*'}
+for i = 5, #ARGV do
+  cmd[#cmd + 1] = ARGV[i]
+end
+return redis.call(unpack(cmd))
+"""
+
+
+class RedisPublisher:
+    """Streams results:<camera>, events:<camera>, status:<camera>; overlays as expiring keys.
+
+    Every Redis failure surfaces as a one-line PublishError naming the server
+    without credentials. Connections are re-made on the next call after an outage.
+    """
+
+    def __init__(self, url: str, *, stream_maxlen: int = 10000, overlay_ttl_s: int = 3600,
+                 dedupe_ttl_s: int = 3600, connect_timeout_s: float = 2.0, op_timeout_s: float = 5.0):
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        self.url = redact_url(url)
+        self._password = urlsplit(url).password if "@" in url else None
+        self.stream_maxlen = int(stream_maxlen)
+        self.overlay_ttl_s = int(overlay_ttl_s)
+        self.dedupe_ttl_s = int(dedupe_ttl_s)
+        try:
+            # Few, short retries: the caller keeps the frame unacked and retries anyway,
+            # and redis-py's default (10 retries) would stall the pipeline during an outage.
+            self._client = redis.Redis.from_url(
+                url, socket_connect_timeout=connect_timeout_s, socket_timeout=op_timeout_s,
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))
+        except ValueError as exc:
+            raise ConfigError(f"bad redis URL {self.url}: {self._scrub(str(exc))}") from None
+        self._publish_script = self._client.register_script(_PUBLISH_RESULT_LUA)
+        self._closed = False
+
+    def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None) -> bool:
+        """Add the result (and overlay) once per (camera, run_id, seq); False if already published."""
+        import redis
+
+        camera = result.camera
+        _check_name(camera)
+        tag = f"{camera}:{result.run_id}:{result.seq}"
+        keys = [f"dedupe:{tag}", f"results:{camera}"]
+        if overlay_jpeg is not None:
+            keys.append(f"overlay:{tag}")
+            result.overlay_ref = keys[2]
+        result.published_ts = time.time()
+        args: list = [self.dedupe_ttl_s, self.stream_maxlen, self.overlay_ttl_s, overlay_jpeg or b""]
+        for name, value in result.to_fields().items():
+            args.extend((name, value))
+        try:
+            entry_id = self._publish_script(keys=keys, args=args)
+        except redis.RedisError as exc:
+            raise self._error(f"publishing result {tag}", exc) from None
+        return entry_id is not None
+
+    def publish_events(self, events: Iterable[Event]) -> None:
+        import redis
+
+        events = list(events)
+        if not events:
+            return
+        pipe = self._client.pipeline(transaction=True)
+        for event in events:
+            _check_name(event.camera)
+            pipe.xadd(f"events:{event.camera}", event.to_fields(), maxlen=self.stream_maxlen, approximate=True)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise self._error(f"publishing {len(events)} event(s)", exc) from None
+
+    def publish_status(self, camera: str, status: str, detail: str = "") -> None:
+        import redis
+
+        _check_name(camera)
+        fields = {"camera": camera, "status": status, "detail": detail, "ts": repr(time.time())}
+        try:
+            self._client.xadd(f"status:{camera}", fields, maxlen=min(STATUS_MAXLEN, self.stream_maxlen),
+                              approximate=True)
+        except redis.RedisError as exc:
+            raise self._error(f"publishing status of {camera}", exc) from None
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(self._client.ping())
+        except redis.RedisError:
+            return False
+
+    def wait_until_up(self, timeout: float, interval: float = 0.2) -> bool:
+        """Poll until the server answers PING or ``timeout`` seconds pass; True if it is up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.ping():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client.close()
+
+    def _scrub(self, text: str) -> str:
+        if self._password:
+            for secret in {self._password, unquote(self._password)}:
+                text = text.replace(secret, "***")
+        return " ".join(text.split())  # one line
+
+    def _error(self, action: str, exc: Exception) -> PublishError:
+        return PublishError(f"redis at {self.url}: {action} failed ({type(exc).__name__}: "
+                            f"{self._scrub(str(exc))}); check that redis is running and reachable")
+
+
+class DirectoryPublisher:
+    """Offline sink: results.jsonl, events.jsonl, status.jsonl, overlays/<camera>/<seq>.jpg,
+    and timeline_<camera>.png at close().
+
+    Files are appended to and flushed per line, so an interrupted replay keeps what it
+    wrote; results already in results.jsonl are not written again (same dedupe as Redis).
+    """
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self._seen: set[tuple[str, str, int]] = set()
+        # camera -> [(run_id, seq, score, flagged, tau)] for the timelines
+        self._scores: dict[str, list[tuple[str, int, float, bool, float]]] = {}
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._load_existing(self.out_dir / "results.jsonl")
+            self._results = self._open("results.jsonl")
+            self._events = self._open("events.jsonl")
+            self._status = self._open("status.jsonl")
+        except OSError as exc:
+            raise PublishError(f"cannot write to output folder {self.out_dir}: {exc.strerror or exc}") from None
+        self._closed = False
+
+    def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None) -> bool:
+        _check_name(result.camera)
+        if result.key in self._seen:
+            return False
+        try:
+            if overlay_jpeg is not None:
+                ref = f"overlays/{result.camera}/{result.seq}.jpg"
+                path = self.out_dir / ref
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(overlay_jpeg)  # before the line, so no line points at a missing file
+                result.overlay_ref = ref
+            result.published_ts = time.time()
+            self._write(self._results, result.to_json())
+        except OSError as exc:
+            raise PublishError(f"cannot write result {result.camera}/{result.seq} to {self.out_dir}: "
+                               f"{exc.strerror or exc}") from None
+        self._seen.add(result.key)
+        self._remember(result.camera, result.run_id, result.seq, result.image_score, result.flagged, result.tau)
+        return True
+
+    def publish_events(self, events: Iterable[Event]) -> None:
+        try:
+            for event in events:
+                self._write(self._events, event.to_json())
+        except OSError as exc:
+            raise PublishError(f"cannot write events to {self.out_dir}: {exc.strerror or exc}") from None
+
+    def publish_status(self, camera: str, status: str, detail: str = "") -> None:
+        try:
+            self._write(self._status, {"camera": camera, "status": status, "detail": detail, "ts": time.time()})
+        except OSError as exc:
+            raise PublishError(f"cannot write status to {self.out_dir}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for handle in (self._results, self._events, self._status):
+            handle.close()
+        for camera, samples in self._scores.items():
+            self._save_timeline(camera, samples)
+
+    def _open(self, name: str) -> IO[str]:
+        path = self.out_dir / name
+        handle = path.open("a", encoding="utf-8")
+        if path.stat().st_size and not _ends_with_newline(path):
+            handle.write("\n")  # an interrupted write left half a line; keep the next one whole
+            handle.flush()
+        return handle
+
+    @staticmethod
+    def _write(handle: IO[str], record: dict) -> None:
+        handle.write(json.dumps(record, allow_nan=False) + "\n")
+        handle.flush()
+
+    def _remember(self, camera: str, run_id: str, seq: int, score: float, flagged: bool, tau: float) -> None:
+        self._scores.setdefault(camera, []).append((run_id, seq, score, flagged, tau))
+
+    def _load_existing(self, path: Path) -> None:
+        if not path.is_file():
+            return
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    rec = json.loads(line)
+                    key = (rec["camera"], rec["run_id"], int(rec["seq"]))
+                    score = rec["image_score"]
+                    sample = (float("nan") if score is None else float(score), bool(rec["flagged"]),
+                              float("nan") if rec["tau"] is None else float(rec["tau"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a truncated last line from an interrupted run
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self._remember(key[0], key[1], key[2], *sample)
+
+    def _save_timeline(self, camera: str, samples: list[tuple[str, int, float, bool, float]]) -> None:
+        if not samples:
+            return
+        seqs = [s[1] for s in samples]
+        first, last = min(seqs), max(seqs)
+        title = f"{camera}: image score, flagged frames shaded"
+        if len({s[0] for s in samples}) == 1 and last - first + 1 <= 4 * len(samples) + 100:
+            # One run: place scores at their seq, gaps (dropped frames) left empty.
+            scores = np.full(last - first + 1, np.nan)
+            flags = np.zeros(last - first + 1, dtype=np.uint8)
+            for _, seq, score, flagged, _ in samples:
+                scores[seq - first] = score
+                flags[seq - first] = flagged
+            if first:
+                title += f" (x = seq - {first})"
+        else:
+            # Several runs (seq restarts) or a sparse sample: plot in arrival order.
+            scores = np.array([s[2] for s in samples], dtype=np.float64)
+            flags = np.array([s[3] for s in samples], dtype=np.uint8)
+            title += " (arrival order)"
+        tau = samples[-1][4]
+        save_score_timeline(self.out_dir / f"timeline_{camera}.png", scores, labels=flags,
+                            threshold=tau if math.isfinite(tau) else None, title=title)
+
+
+class MultiPublisher:
+    """Fans every call out to several publishers, in order; the first one's overlay_ref is kept."""
+
+    def __init__(self, publishers: Sequence[Publisher]):
+        if not publishers:
+            raise ValueError("MultiPublisher needs at least one publisher")
+        self.publishers = list(publishers)
+
+    def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None) -> bool:
+        published = False
+        primary_ref = None
+        for i, publisher in enumerate(self.publishers):
+            published = publisher.publish_result(result, overlay_jpeg) or published
+            if i == 0:
+                primary_ref = result.overlay_ref
+        result.overlay_ref = primary_ref
+        return published
+
+    def publish_events(self, events: Iterable[Event]) -> None:
+        events = list(events)
+        for publisher in self.publishers:
+            publisher.publish_events(events)
+
+    def publish_status(self, camera: str, status: str, detail: str = "") -> None:
+        for publisher in self.publishers:
+            publisher.publish_status(camera, status, detail)
+
+    def close(self) -> None:
+        # Close every sink even if one fails, then report the first failure.
+        first_error: Exception | None = None
+        for publisher in self.publishers:
+            try:
+                publisher.close()
+            except Exception as exc:  # noqa: BLE001 - re-raised below
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error

@@ -1,0 +1,138 @@
+"""What the engine says about one frame, and its wire formats (stream fields, JSON)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import cv2
+import numpy as np
+
+MAX_BOXES = 10  # a frame with more regions is a scene-wide change; ten boxes are enough to show it
+
+
+@dataclass(kw_only=True)  # kw_only: the field list is long and will grow; positional calls would break
+class FrameResult:
+    camera: str
+    run_id: str
+    seq: int
+    source_ts: float
+    capture_ts: float
+    published_ts: float | None = None  # set by the publisher
+    scene: str
+    image_score: float
+    tau: float  # image-level threshold: flagged = image_score > tau
+    flagged: bool
+    escalated: bool
+    max_pixel_score: float | None = None
+    theta: float | None = None  # pixel-level threshold
+    anomalous_area: float | None = None  # fraction of pixels > theta
+    boxes: list[list[int]] = field(default_factory=list)  # [x, y, w, h], source pixels, largest first
+    overlay_ref: str | None = None
+
+    def __post_init__(self) -> None:
+        # Engine values are often numpy scalars, which json and redis-py reject or mangle.
+        self.seq = int(self.seq)
+        for name in ("source_ts", "capture_ts", "image_score", "tau"):
+            setattr(self, name, float(getattr(self, name)))
+        for name in ("published_ts", "max_pixel_score", "theta", "anomalous_area"):
+            value = getattr(self, name)
+            setattr(self, name, None if value is None else float(value))
+        self.flagged = bool(self.flagged)
+        self.escalated = bool(self.escalated)
+        self.boxes = [[int(v) for v in box] for box in self.boxes]
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.camera, self.run_id, self.seq
+
+    def to_fields(self) -> dict[str, str]:
+        """Flat string map for XADD: None -> '', bool -> '1'/'0', boxes as JSON."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                out[f.name] = ""
+            elif isinstance(value, bool):
+                out[f.name] = "1" if value else "0"
+            elif isinstance(value, float):
+                out[f.name] = repr(value)  # repr round-trips a float exactly
+            elif f.name == "boxes":
+                out[f.name] = json.dumps(value, separators=(",", ":"))
+            else:
+                out[f.name] = str(value)
+        return out
+
+    @classmethod
+    def from_fields(cls, data: dict) -> FrameResult:
+        """Inverse of to_fields; accepts the bytes keys/values redis-py returns."""
+        flat = {_text(k): _text(v) for k, v in data.items()}
+        kwargs: dict = {}
+        for f in fields(cls):
+            if f.name not in flat:
+                continue
+            raw = flat[f.name]
+            if f.name in ("camera", "run_id", "scene"):
+                kwargs[f.name] = raw
+            elif f.name == "overlay_ref":
+                kwargs[f.name] = raw or None
+            elif f.name == "seq":
+                kwargs[f.name] = int(raw)
+            elif f.name in ("flagged", "escalated"):
+                kwargs[f.name] = raw == "1"
+            elif f.name == "boxes":
+                kwargs[f.name] = json.loads(raw) if raw else []
+            else:
+                kwargs[f.name] = float(raw) if raw != "" else None
+        return cls(**kwargs)
+
+    def to_json(self) -> dict:
+        """JSON-safe dict; non-finite floats become None so the output is strict JSON."""
+        out = asdict(self)
+        for name, value in out.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                out[name] = None
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> FrameResult:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def regions_from_map(amap: np.ndarray, theta: float, frame_hw: tuple[int, int],
+                     min_area_frac: float = 0.0005) -> tuple[float, list[list[int]]]:
+    """Anomalous area and boxes of the connected regions where ``amap > theta``.
+
+    The map is resized bilinearly to ``frame_hw`` (as heatmap_overlay does), so the
+    boxes are in source-frame pixels and match the drawn outlines. Returns
+    (fraction of frame pixels > theta, up to MAX_BOXES [x, y, w, h] boxes, largest
+    first); regions smaller than ``min_area_frac`` of the frame are dropped from the
+    boxes (speckle) but still counted in the area.
+    """
+    height, width = int(frame_hw[0]), int(frame_hw[1])
+    amap = np.asarray(amap, dtype=np.float32)
+    if amap.ndim == 3 and amap.shape[0] == 1:
+        amap = amap[0]
+    elif amap.ndim == 3 and amap.shape[2] == 1:
+        amap = amap[:, :, 0]
+    if amap.ndim != 2:
+        raise ValueError(f"expected an (h, w) anomaly map, got shape {amap.shape}")
+    if amap.shape != (height, width):
+        amap = cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)
+    mask = (amap > theta).astype(np.uint8)
+    total = height * width
+    area_fraction = float(mask.sum()) / total if total else 0.0
+    if area_fraction == 0.0:
+        return 0.0, []
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    min_pixels = min_area_frac * total
+    regions = [stats[i] for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_pixels]  # 0 = background
+    regions.sort(key=lambda s: int(s[cv2.CC_STAT_AREA]), reverse=True)
+    boxes = [[int(s[cv2.CC_STAT_LEFT]), int(s[cv2.CC_STAT_TOP]), int(s[cv2.CC_STAT_WIDTH]),
+              int(s[cv2.CC_STAT_HEIGHT])] for s in regions[:MAX_BOXES]]
+    return area_fraction, boxes
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
