@@ -10,7 +10,7 @@ import numpy as np
 
 from engine.errors import DataError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # camera and scene ids; safe in paths and keys
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # camera and scene ids; safe in paths and keys
 
 
 @dataclass
