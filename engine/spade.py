@@ -61,8 +61,8 @@ class SpadeConfig:
             if value not in allowed:
                 raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
         for level in self.levels:
-            if level not in ("s4", "s8", "s16"):
-                raise ConfigError(f"levels: '{level}' is not one of s4, s8, s16")
+            if level not in ("s4", "s8", "s16", "s32"):
+                raise ConfigError(f"levels: '{level}' is not one of s4, s8, s16, s32")
         if min(self.k_image, self.k_pixel, self.max_frames, self.batch_size, self.temporal_window) < 1:
             raise ConfigError("k_image, k_pixel, max_frames, batch_size and temporal_window must be >= 1")
 
@@ -88,9 +88,10 @@ PRESETS: dict[str, SpadeConfig] = {
     # Fixed cameras: native resolution, frame score = peak of the map, smoothed over frames.
     "camera": SpadeConfig(geometry="full", levels=("s8", "s16"), k_image=10, k_pixel=10,
                           image_score="map_max", temporal_window=5, temporal_diff=1.0),
-    # Inspection images (MVTec layout).
-    "inspection": SpadeConfig(geometry="crop", levels=("s8", "s16"), k_image=10, k_pixel=10,
-                              image_score="dn2"),
+    # Inspection images (MVTec layout): the paper's crop, deeper levels for large diffuse defects,
+    # image score = peak of the map.
+    "inspection": SpadeConfig(geometry="crop", levels=("s8", "s16", "s32"), k_image=10, k_pixel=10,
+                              image_score="map_max"),
 }
 
 

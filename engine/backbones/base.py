@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 # Pyramid levels are named by their stride so that configs read the same for every backbone:
-# the paper's layer1, layer2 and layer3 of a ResNet are s4, s8 and s16.
-LEVEL_STRIDES = {"s4": 4, "s8": 8, "s16": 16}
+# the paper's layer1, layer2 and layer3 of a ResNet are s4, s8 and s16; s32 is layer4.
+LEVEL_STRIDES = {"s4": 4, "s8": 8, "s16": 16, "s32": 32}
 
 
 @dataclass

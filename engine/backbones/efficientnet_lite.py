@@ -15,10 +15,10 @@ class EfficientNetLite0(Backbone):
     # The Lite models were trained on inputs scaled to [-1, 1] (TF's 127/128), not ImageNet mean/std.
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
-    level_channels = {"s4": 24, "s8": 40, "s16": 112}
+    level_channels = {"s4": 24, "s8": 40, "s16": 112, "s32": 320}
     global_dim = 1280
     # Index of the last block at each stride in the lukemelas block list.
-    _level_block = {"s4": 2, "s8": 4, "s16": 10}
+    _level_block = {"s4": 2, "s8": 4, "s16": 10, "s32": 15}
 
     def __init__(self, weights: str | Path | None = None):
         super().__init__()

@@ -9,7 +9,7 @@ import torchvision
 from .base import Backbone, Features, register
 from .weights import file_id, load_state_dict, torchvision_weights
 
-_LEVEL_LAYER = {"s4": "layer1", "s8": "layer2", "s16": "layer3"}
+_LEVEL_LAYER = {"s4": "layer1", "s8": "layer2", "s16": "layer3", "s32": "layer4"}
 
 
 class TorchvisionResNet(Backbone):
@@ -29,11 +29,10 @@ class TorchvisionResNet(Backbone):
         net = self.net
         x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         pyramid: dict[str, torch.Tensor] = {}
-        for level in ("s4", "s8", "s16"):
+        for level in ("s4", "s8", "s16", "s32"):
             x = getattr(net, _LEVEL_LAYER[level])(x)
             if level in levels:
                 pyramid[level] = x
-        x = net.layer4(x)
         return Features(global_=x.mean(dim=(2, 3)), pyramid=pyramid)
 
 
@@ -42,7 +41,7 @@ def build_wide_resnet50_2(weights: str | Path | None = None) -> Backbone:
     return TorchvisionResNet(
         "wide_resnet50_2", torchvision.models.wide_resnet50_2,
         torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1, weights,
-        {"s4": 256, "s8": 512, "s16": 1024}, 2048,
+        {"s4": 256, "s8": 512, "s16": 1024, "s32": 2048}, 2048,
     )
 
 
@@ -51,5 +50,5 @@ def build_resnet18(weights: str | Path | None = None) -> Backbone:
     return TorchvisionResNet(
         "resnet18", torchvision.models.resnet18,
         torchvision.models.ResNet18_Weights.IMAGENET1K_V1, weights,
-        {"s4": 64, "s8": 128, "s16": 256}, 512,
+        {"s4": 64, "s8": 128, "s16": 256, "s32": 512}, 512,
     )
