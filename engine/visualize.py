@@ -56,7 +56,7 @@ def heatmap_overlay(
     """
     image = _to_rgb(image_rgb)
     height, width = image.shape[:2]
-    amap = _to_map(anomaly_map, height, width)
+    amap = resize_map(anomaly_map, height, width)
 
     low = float(amap.min()) if vmin is None else float(vmin)
     if vmax is not None:
@@ -225,7 +225,8 @@ def _to_rgb(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got {image.shape}")
 
 
-def _to_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An (h, w) map, or (1, h, w) / (h, w, 1), as float32 at (height, width), bilinear."""
     amap = np.asarray(anomaly_map, dtype=np.float32)
     if amap.ndim == 3 and amap.shape[0] == 1:
         amap = amap[0]

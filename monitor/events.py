@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from monitor.results import FrameResult
+from monitor.results import FrameResult, json_safe
 
 EventKind = Literal["start", "update", "end"]
 _RETIRED_RUNS_KEPT = 16  # late re-deliveries from an ingest run that has since restarted
@@ -33,11 +33,7 @@ class Event:
     best_overlay_ref: str | None  # overlay of the highest-scoring frame that has one
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        for name, value in out.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                out[name] = None
-        return out
+        return json_safe(asdict(self))
 
     def to_fields(self) -> dict[str, str]:
         """Flat string map for XADD: None -> ''."""

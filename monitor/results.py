@@ -8,8 +8,15 @@ from dataclasses import asdict, dataclass, field, fields
 import cv2
 import numpy as np
 
+from engine.visualize import resize_map
+
 MAX_BOXES = 10  # a frame with more regions is a scene-wide change; ten boxes are enough to show it
 
+
+
+def json_safe(record: dict) -> dict:
+    """Non-finite floats become None, so the output is strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 @dataclass(kw_only=True)  # kw_only: the field list is long and will grow; positional calls would break
 class FrameResult:
@@ -87,12 +94,7 @@ class FrameResult:
         return cls(**kwargs)
 
     def to_json(self) -> dict:
-        """JSON-safe dict; non-finite floats become None so the output is strict JSON."""
-        out = asdict(self)
-        for name, value in out.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                out[name] = None
-        return out
+        return json_safe(asdict(self))
 
     @classmethod
     def from_json(cls, data: dict) -> FrameResult:
@@ -111,15 +113,7 @@ def regions_from_map(amap: np.ndarray, theta: float, frame_hw: tuple[int, int],
     boxes (speckle) but still counted in the area.
     """
     height, width = int(frame_hw[0]), int(frame_hw[1])
-    amap = np.asarray(amap, dtype=np.float32)
-    if amap.ndim == 3 and amap.shape[0] == 1:
-        amap = amap[0]
-    elif amap.ndim == 3 and amap.shape[2] == 1:
-        amap = amap[:, :, 0]
-    if amap.ndim != 2:
-        raise ValueError(f"expected an (h, w) anomaly map, got shape {amap.shape}")
-    if amap.shape != (height, width):
-        amap = cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)
+    amap = resize_map(amap, height, width)
     mask = (amap > theta).astype(np.uint8)
     total = height * width
     area_fraction = float(mask.sum()) / total if total else 0.0
