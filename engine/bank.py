@@ -107,8 +107,9 @@ class ReferenceBank:
 
     def check_compatible(self, model_meta: dict, path: str | Path = "bank") -> None:
         """Refuse a bank whose features came from another backbone, weights or input geometry."""
+        defaults = {"temporal_diff": 0.0}  # banks from before temporal features had none
         for key in ("backbone", "weights_id", "preprocess", "levels", "normalize_global", "temporal_diff"):
-            ours, theirs = model_meta.get(key), self.meta.get(key, 0.0 if key == "temporal_diff" else None)
+            ours, theirs = model_meta.get(key, defaults.get(key)), self.meta.get(key, defaults.get(key))
             if ours != theirs:
                 raise BankError(
                     f"reference bank {path} was built with {key}={theirs}, but the model uses "

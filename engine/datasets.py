@@ -129,16 +129,28 @@ def _open_video(path: Path):
     return container
 
 
-def iter_video_frames(path: str | Path, stats: DecodeStats | None = None) -> Iterator[np.ndarray]:
+def iter_video_frames(path: str | Path, stats: DecodeStats | None = None,
+                      fps: float | None = None) -> Iterator[np.ndarray]:
     """Decode a video file to RGB frames; damaged packets are skipped, not fatal.
 
-    The file is opened here, not on the first next(), so a bad path fails at the call.
+    With fps, frames are sampled by presentation time as an ingest worker samples a camera, so
+    a bank's temporal features match the camera's. The file is opened here, not on the first
+    next(), so a bad path fails at the call.
     """
     container = _open_video(Path(path))
-    return _decode(container, stats if stats is not None else DecodeStats())
+    frames = _decode(container, stats if stats is not None else DecodeStats(), with_time=fps is not None)
+    return frames if fps is None else _sample(frames, fps)
 
 
-def _decode(container, stats: DecodeStats) -> Iterator[np.ndarray]:
+def _sample(timed_frames, fps: float) -> Iterator[np.ndarray]:
+    period, due = 1.0 / fps, None
+    for ts, frame in timed_frames:
+        if due is None or ts >= due - 1e-6:
+            due = (ts if due is None else due) + period
+            yield frame
+
+
+def _decode(container, stats: DecodeStats, with_time: bool = False) -> Iterator:
     import av
 
     try:
@@ -153,7 +165,13 @@ def _decode(container, stats: DecodeStats) -> Iterator[np.ndarray]:
                     continue
                 for frame in frames:
                     stats.decoded += 1
-                    yield frame.to_ndarray(format='rgb24')
+                    image = frame.to_ndarray(format='rgb24')
+                    if with_time:
+                        rate = float(stream.average_rate or 25)
+                        ts = frame.time if frame.time is not None else stats.decoded / rate
+                        yield ts, image
+                    else:
+                        yield image
         except av.error.FFmpegError:
             stats.skipped += 1  # a truncated container: keep what decoded so far
     finally:

@@ -22,23 +22,28 @@ def group_sources(sources: list[str | Path]) -> list[list[Path]]:
     return list(groups.values())
 
 
-def iter_grouped_frames(groups: list[list[Path]]) -> Iterator[tuple[int, np.ndarray]]:
+def iter_grouped_frames(groups: list[list[Path]], fps: float | None = None) -> Iterator[tuple[int, np.ndarray]]:
     for g, files in enumerate(groups):
         for file in files:
             if file.suffix.lower() in VIDEO_EXTS:
-                for frame in iter_video_frames(file):
+                for frame in iter_video_frames(file, fps=fps):
                     yield g, frame
             else:
                 yield g, read_image(file)
 
 
 def build_reference(spade: Spade, sources: list[str | Path], scene: str,
-                    progress: bool = True) -> ReferenceBank:
-    """Build and calibrate one scene's bank."""
+                    progress: bool = True, fps: float | None = None) -> ReferenceBank:
+    """Build and calibrate one scene's bank.
+
+    fps samples video sources at the rate the camera will be sampled at: temporal features
+    measure change between consecutive sampled frames, so the bank must see the same spacing.
+    """
     groups = group_sources(sources)
     total = sum(len(files) for files in groups if files[0].suffix.lower() not in VIDEO_EXTS) or None
-    bank = spade.build_bank(iter_grouped_frames(groups), [str(s) for s in sources], total=total,
+    bank = spade.build_bank(iter_grouped_frames(groups, fps), [str(s) for s in sources], total=total,
                             progress=progress)
     bank.meta["scene"] = scene
+    bank.meta["fps"] = fps
     calibrate(bank, spade.config)
     return bank

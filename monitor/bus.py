@@ -561,7 +561,12 @@ class RedisFrameBus:
             for stream, entry_ids in by_stream.items():
                 pipe.xack(stream, self.group, *entry_ids)
                 pipe.xdel(stream, *entry_ids)  # keeps XLEN == unfinished frames; see the class docstring
-            pipe.execute()
+            for result in pipe.execute(raise_on_error=False):
+                if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
+                    raise result
+                # NOGROUP: the server restarted (or was flushed) since the read; nothing left to ack.
+                if isinstance(result, Exception) and not _is_nogroup(result):
+                    raise result
 
         try:
             self._call(ack_and_delete, budget_s=None)

@@ -18,7 +18,7 @@ def _model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
                    help=f"settings to start from (default: {default_preset})")
     g.add_argument("--backbone", help="efficientnet_lite0, resnet18 or wide_resnet50_2")
     g.add_argument("--weights", help="backbone weights file (default: packaged or torch hub cache)")
-    g.add_argument("--levels", help="pyramid levels, comma-separated, from s4,s8,s16")
+    g.add_argument("--levels", help="pyramid levels, comma-separated, from s4,s8,s16,s32")
     g.add_argument("--k-image", type=int, help="K of the DN2 gate")
     g.add_argument("--k-pixel", type=int, help="K nearest frames searched by pixel matching")
     g.add_argument("--frame-size", help="HxW full-frame model input (default: native)")
@@ -75,7 +75,7 @@ def cmd_reference_build(args) -> int:
 
     _check_name(args.scene, "--scene")
     spade = Spade(_config_from(args))
-    bank = build_reference(spade, args.source, args.scene, progress=not args.quiet)
+    bank = build_reference(spade, args.source, args.scene, progress=not args.quiet, fps=args.fps)
     bank.save(args.out)
     t = bank.thresholds
     print(f"scene {args.scene}: {len(bank)} frames ({bank.bytes_per_frame() / 1024:.0f} KiB each), "
@@ -116,6 +116,61 @@ def cmd_demo_scene(args) -> int:
     return 0
 
 
+def _service_config(args):
+    """Load --config and apply its logging section (--log-json wins)."""
+    from .config import load_config
+    from .runner import setup_logging
+
+    config = load_config(args.config)
+    import multiprocessing
+
+    multiprocessing.current_process().name = args.command  # log tag: run, ingest or engine
+    setup_logging(args.log_json or config.logging.json, config.logging.level)
+    return config
+
+
+def cmd_run(args) -> int:
+    from .runner import run_service
+
+    config = _service_config(args)
+    return run_service(config, log_json=args.log_json or config.logging.json)
+
+
+def cmd_ingest(args) -> int:
+    from .runner import _require_redis, run_ingest, select_cameras, stop_on_signals
+
+    config = _service_config(args)
+    _require_redis(config, "ingest")
+    cameras = select_cameras(config, args.camera)
+    config.redis.connection_url()  # an unset password_env fails here, in one line
+    with stop_on_signals() as stop:
+        run_ingest(config, cameras, stop)
+    return 0
+
+
+def cmd_engine(args) -> int:
+    from .runner import _require_redis, run_engine, stop_on_signals
+
+    config = _service_config(args)
+    _require_redis(config, "engine")
+    config.redis.connection_url()
+    with stop_on_signals() as stop:
+        run_engine(config, stop)
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from .replay import replay
+    from .runner import stop_on_signals
+
+    with stop_on_signals() as stop:
+        summary = replay(args.video, args.reference, args.out, fps=args.fps, realtime=args.realtime,
+                         escalate=args.escalate, device=args.device, precision=args.precision,
+                         progress=not args.quiet and sys.stderr.isatty(), overwrite=args.overwrite, stop=stop)
+    print(summary.line(args.video))
+    return 0
+
+
 def _check_name(name: str, what: str) -> None:
     import re
 
@@ -152,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scene", required=True)
     b.add_argument("--source", required=True, action="append", help="folder of frames/images or a video (repeatable)")
     b.add_argument("--out", required=True, type=Path)
+    b.add_argument("--fps", type=float, help="sample video sources at the camera's sampling rate "
+                                             "(needed for the camera preset's temporal features)")
     _model_args(b, "camera")
     b.set_defaults(func=cmd_reference_build)
     c = ref_sub.add_parser("calibrate", help="recompute tau and theta of a bank")
@@ -163,6 +220,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("bank", type=Path)
     i.set_defaults(func=cmd_reference_info)
 
+    rp = sub.add_parser("replay", help="one video through the whole pipeline, no Redis: results, events, "
+                                       "overlays and a score timeline in a folder")
+    rp.add_argument("video", type=Path)
+    rp.add_argument("--reference", required=True, type=Path, help="the scene's reference bank")
+    rp.add_argument("--out", required=True, type=Path, help="output folder")
+    rp.add_argument("--fps", type=float, help="frames sampled per second (default: every frame)")
+    rp.add_argument("--realtime", action="store_true", help="pace by the video's timestamps, like a camera")
+    rp.add_argument("--escalate", default="flagged", choices=["flagged", "all", "none"],
+                    help="which frames get a pixel anomaly map (default: flagged)")
+    rp.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    rp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    rp.add_argument("--overwrite", action="store_true", help="replace the results of an earlier replay in --out")
+    rp.set_defaults(func=cmd_replay)
+
+    rn = sub.add_parser("run", help="the monitor: ingest workers and the engine, supervised")
+    rn.add_argument("--config", required=True, type=Path)
+    rn.set_defaults(func=cmd_run)
+    ig = sub.add_parser("ingest", help="only the ingest workers (bus.kind: redis)")
+    ig.add_argument("--config", required=True, type=Path)
+    ig.add_argument("--camera", action="append", metavar="ID", help="only this camera (repeatable)")
+    ig.set_defaults(func=cmd_ingest)
+    en = sub.add_parser("engine", help="only the engine (bus.kind: redis)")
+    en.add_argument("--config", required=True, type=Path)
+    en.set_defaults(func=cmd_engine)
+
     d = sub.add_parser("demo-scene", help="write a synthetic ShanghaiTech-style scene")
     d.add_argument("--out", required=True, type=Path)
     d.add_argument("--seed", type=int, default=0)
@@ -171,17 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(as_json: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if as_json:
-        class JsonFormatter(logging.Formatter):
-            def format(self, record):
-                return json.dumps({"ts": record.created, "level": record.levelname,
-                                   "logger": record.name, "msg": record.getMessage()})
+    from .runner import setup_logging
 
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    setup_logging(as_json)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,8 @@
 import os
+import select
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +87,111 @@ def redis_server(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def scene_bank(scene, tmp_path_factory) -> Path:
+    """The scene's calibrated reference bank (scene 'plaza'), built once: it takes a while on a CPU."""
+    from engine.reference import build_reference
+    from engine.spade import Spade, preset
+
+    path = tmp_path_factory.mktemp("bank") / "plaza.bank"
+    spade = Spade(preset("camera", device="cpu", batch_size=8, max_frames=60))
+    build_reference(spade, [scene.root / "training" / "frames"], "plaza", progress=False).save(path)
+    return path
+
+
+# ---------------------------------------------------------------- RTSP camera
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+RTSP_SERVER_SCRIPT = Path(__file__).with_name("rtsp_server.py")
+
+
+class RtspServer:
+    """tests/rtsp_server.py on a fixed loopback port; stop/start and pause/resume simulate faults."""
+
+    def __init__(self, video: Path):
+        self.video = video
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"rtsp://127.0.0.1:{self.port}/cam"
+
+    def start(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:  # the port can take a moment to free after a kill
+            self.proc = subprocess.Popen(
+                [SYSTEM_PYTHON, str(RTSP_SERVER_SCRIPT), "--port", str(self.port), "--file",
+                 str(self.video), "--mount", "/cam", "--loop"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            line = ""
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
+                if ready:
+                    line = self.proc.stdout.readline()
+                    break
+            if line.strip() == "READY":
+                return
+            self.stop()
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"RTSP server did not start: {line!r}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)  # in case it was paused
+            self.proc.kill()  # abrupt, like a camera losing power
+            self.proc.wait(10)
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+            self.proc = None
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)  # connections stay open but go silent
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+_RTSP_REASON: list = []
+
+
+def rtsp_unavailable() -> str | None:
+    """Why the RTSP test server cannot run here (None if it can); probed once per session."""
+    if not _RTSP_REASON:
+        reason = None
+        if not os.access(SYSTEM_PYTHON, os.X_OK):
+            reason = f"{SYSTEM_PYTHON} not found"
+        else:
+            probe = ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0');"
+                     "from gi.repository import Gst, GstRtspServer; Gst.init(None);"
+                     "missing = [e for e in ('x264enc', 'rtph264pay', 'decodebin') "
+                     "if Gst.ElementFactory.find(e) is None];"
+                     "assert not missing, missing")
+            result = subprocess.run([SYSTEM_PYTHON, "-c", probe], capture_output=True, text=True, timeout=30)
+            if result.returncode:
+                reason = ("system python lacks gi/GstRtspServer/x264enc: "
+                          + (result.stderr.strip().splitlines() or ["?"])[-1])
+        _RTSP_REASON.append(reason)
+    return _RTSP_REASON[0]
+
+
+@pytest.fixture
+def rtsp_server_factory():
+    """start(video) -> a running RtspServer serving `video` in a loop; all are stopped afterwards."""
+    reason = rtsp_unavailable()
+    if reason:
+        pytest.skip(reason)
+    servers: list[RtspServer] = []
+
+    def start(video: Path) -> RtspServer:
+        server = RtspServer(video)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

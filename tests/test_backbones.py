@@ -22,10 +22,11 @@ def test_efficientnet_lite0_pyramid_shapes(size):
     fe = FeatureExtractor(bb, ("s4", "s8", "s16"), device="cpu", precision="fp32")
     feats = fe(torch.randint(0, 255, (2, 3, *size), dtype=torch.uint8))
     h, w = size
+    cells = lambda stride: (-(-h // stride), -(-w // stride))  # TF "same" padding rounds up
     assert feats.global_.shape == (2, 1280)
-    assert feats.pyramid["s4"].shape == (2, 24, h // 4, w // 4)
-    assert feats.pyramid["s8"].shape == (2, 40, h // 8, w // 8)
-    assert feats.pyramid["s16"].shape == (2, 112, h // 16, w // 16)
+    assert feats.pyramid["s4"].shape == (2, 24, *cells(4))
+    assert feats.pyramid["s8"].shape == (2, 40, *cells(8))
+    assert feats.pyramid["s16"].shape == (2, 112, *cells(16))
 
 
 def test_efficientnet_lite0_weights_are_imagenet(shared_data):

@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import logging
-import os
-import select
-import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,10 +13,6 @@ import pytest
 
 from monitor.frames import Frame
 from monitor.ingest import CameraReader, IngestWorker, SourceError, open_source, redact_url
-
-SYSTEM_PYTHON = "/usr/bin/python3"
-SERVER_SCRIPT = Path(__file__).with_name("rtsp_server.py")
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -211,77 +203,9 @@ def test_credentials_never_leak_and_stop_interrupts_backoff(caplog):
 
 # ---------------------------------------------------------------- RTSP
 
-class RtspServer:
-    """tests/rtsp_server.py on a fixed loopback port; stop/start and pause/resume simulate faults."""
-
-    def __init__(self, video: Path):
-        self.video = video
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"rtsp://127.0.0.1:{self.port}/cam"
-
-    def start(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:  # the port can take a moment to free after a kill
-            self.proc = subprocess.Popen(
-                [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--port", str(self.port), "--file",
-                 str(self.video), "--mount", "/cam", "--loop"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            line = ""
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-                if ready:
-                    line = self.proc.stdout.readline()
-                    break
-            if line.strip() == "READY":
-                return
-            self.stop()
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"RTSP server did not start: {line!r}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)  # in case it was paused
-            self.proc.kill()  # abrupt, like a camera losing power
-            self.proc.wait(10)
-            self.proc.stdout.close()
-            self.proc.stderr.close()
-            self.proc = None
-
-    def pause(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)  # connections stay open but go silent
-
-    def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-
-def _rtsp_available() -> str | None:
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        return f"{SYSTEM_PYTHON} not found"
-    probe = ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0');"
-             "from gi.repository import Gst, GstRtspServer; Gst.init(None);"
-             "missing = [e for e in ('x264enc', 'rtph264pay', 'decodebin') "
-             "if Gst.ElementFactory.find(e) is None];"
-             "assert not missing, missing")
-    result = subprocess.run([SYSTEM_PYTHON, "-c", probe], capture_output=True, text=True, timeout=30)
-    if result.returncode:
-        return "system python lacks gi/GstRtspServer/x264enc: " + result.stderr.strip().splitlines()[-1]
-    return None
-
-
 @pytest.fixture
-def rtsp_server(clips):
-    reason = _rtsp_available()
-    if reason:
-        pytest.skip(reason)
-    server = RtspServer(clips["long"])
-    server.start()
-    yield server
-    server.stop()
+def rtsp_server(clips, rtsp_server_factory):
+    return rtsp_server_factory(clips["long"])
 
 
 def _rtsp_worker(rec: Recorder, url: str, **kw) -> IngestWorker:

@@ -1,0 +1,561 @@
+"""Running the service: ingest and engine, supervised, with a clean stop.
+
+bus.kind picks the layout:
+
+- inprocess: one process. One ingest thread per enabled camera feeds an InProcessBus and the
+  engine runs on the main thread; no Redis is needed. Results go to outputs.dir
+  (DirectoryPublisher), and to Redis only when the config file has an explicit `redis:`
+  section (its defaults alone never turn Redis on). With neither there is nowhere to publish,
+  which is a config error. Frames in the in-memory bus die with the process, so a stop drains
+  them all before exiting.
+- redis: `run` starts one ingest process per enabled camera and one engine process ('spawn'
+  context) and restarts any that dies abnormally (one log line each). `ingest` and `engine`
+  run the parts separately. On a stop the engine drains for at most DRAIN_LIMIT_S; frames left
+  over stay in Redis (unread, or pending and claimed by the next engine after
+  engine.claim_idle_s), so none is lost. Results, events and status go to Redis, and to
+  outputs.dir as well when it is set.
+
+SIGTERM or SIGINT: ingest stops first, then the engine finishes its batch, drains, acks what it
+processed and exits; exit code 0. A second signal forces the stop. `run` also ends on its own
+once every camera has finished (files without loop) and the engine has drained everything.
+
+Child exit codes: 0 done; 2 user error (the service stops: a restart would fail the same way);
+anything else is a crash, logged in one line and restarted with backoff.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from engine.errors import ConfigError, SpadeError
+
+from .bus import BusClosed, InProcessBus, RedisFrameBus
+from .config import MonitorConfig, camera_ids
+from .ingest import OFFLINE, IngestWorker, _scrub
+from .publish import DirectoryPublisher, MultiPublisher, PublishError, RedisPublisher
+
+log = logging.getLogger("spade_monitor.runner")
+
+DRAIN_LIMIT_S = 3.0  # redis bus: what is left after this stays in Redis for the next engine
+TICK_S = 0.2
+RESTART_MIN_S, RESTART_MAX_S = 1.0, 30.0
+STABLE_S = 60.0  # a child or thread that ran this long before dying restarts fast again
+DROP_REPORT_S = 5.0
+INGEST_STOP_S = 5.0
+ENGINE_STOP_S = DRAIN_LIMIT_S + 20.0  # a batch in flight plus the drain
+ENGINE_DRAIN_ALL_S = 3600.0  # every file ended: the engine works through the whole backlog
+EXIT_USER_ERROR = 2
+
+
+# ---------------------------------------------------------------- logging
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname, "process": record.processName,
+               "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(as_json: bool = False, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(processName)s] %(message)s",
+                                               "%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+# ---------------------------------------------------------------- signals
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An Event set by the first SIGTERM/SIGINT; a second one raises KeyboardInterrupt (forced stop)."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("%s received: stopping (send it again to force)", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signals can only be handled on the main thread
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------- sinks
+
+class StatusFile:
+    """status.jsonl only, for ingest processes: the engine's DirectoryPublisher owns the rest of
+    outputs.dir. Each line is one O_APPEND write, so several processes can share the file."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / "status.jsonl"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PublishError(f"cannot write to output folder {self.path.parent}: {exc.strerror or exc}") from None
+
+    def publish_status(self, camera: str, status: str, detail: str = "") -> None:
+        line = json.dumps({"camera": camera, "status": status, "detail": detail, "ts": time.time()}) + "\n"
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(line)
+        except OSError as exc:
+            raise PublishError(f"cannot write status to {self.path}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        pass
+
+
+def uses_redis_publisher(config: MonitorConfig) -> bool:
+    return config.bus.kind == "redis" or "redis" in config.explicit
+
+
+def build_publisher(config: MonitorConfig, *, results: bool = True):
+    """Redis and/or outputs.dir, as the module docstring says; results=False: status only."""
+    sinks: list = []
+    if uses_redis_publisher(config):
+        red = config.redis
+        sinks.append(RedisPublisher(red.connection_url(), stream_maxlen=red.stream_maxlen,
+                                    overlay_ttl_s=red.overlay_ttl_s))
+    if config.outputs.dir:
+        sinks.append(DirectoryPublisher(config.outputs.dir) if results else StatusFile(config.outputs.dir))
+    if not sinks:
+        raise ConfigError("outputs.dir: results would go nowhere; with bus.kind inprocess set outputs.dir "
+                          "(a folder for JSON Lines and overlays) or add a redis: section")
+    return sinks[0] if len(sinks) == 1 else MultiPublisher(sinks)
+
+
+def make_redis_bus(config: MonitorConfig, cameras: list[str], consumer: str | None = None) -> RedisFrameBus:
+    bus = config.bus
+    return RedisFrameBus(config.redis.connection_url(), consumer=consumer, max_len=bus.max_len,
+                         codec=bus.codec, jpeg_quality=bus.jpeg_quality, cameras=cameras)
+
+
+def _require_redis(config: MonitorConfig, what: str) -> None:
+    if config.bus.kind != "redis":
+        raise ConfigError(f"bus.kind: '{what}' runs one part of the service and needs bus.kind: redis, "
+                          f"got {config.bus.kind}; use 'spade-monitor run' for an in-process monitor")
+
+
+def select_cameras(config: MonitorConfig, requested: list[str] | None) -> list[str]:
+    enabled = camera_ids(config)
+    if not requested:
+        return enabled
+    for cid in requested:
+        if cid not in config.cameras:
+            raise ConfigError(f"--camera {cid}: unknown camera; expected one of {', '.join(config.cameras)}")
+        if cid not in enabled:
+            raise ConfigError(f"--camera {cid}: the camera is disabled in the config (enabled: false)")
+    return list(dict.fromkeys(requested))
+
+
+class StatusRelay:
+    """The ingest on_status callback. Changes are queued and published by flush(), called from the
+    supervising loop, so a slow or unreachable sink never stalls a camera; failures are retried in
+    order (each status line carries the time it was published)."""
+
+    MAX_QUEUED = 200
+    RETRY_S = 2.0
+
+    def __init__(self, publisher):
+        self.publisher = publisher
+        self._queue: deque[tuple[str, str, str]] = deque(maxlen=self.MAX_QUEUED)
+        self._lock = threading.Lock()
+        self._failing = False
+        self._retry_at = 0.0
+
+    def __call__(self, camera: str, status: str, detail: str) -> None:
+        with self._lock:
+            self._queue.append((camera, status, detail))
+
+    def flush(self, force: bool = False) -> None:
+        if self._failing and not force and time.monotonic() < self._retry_at:
+            return
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                item = self._queue[0]
+            try:
+                self.publisher.publish_status(*item)
+            except PublishError as exc:
+                self._retry_at = time.monotonic() + self.RETRY_S
+                if not self._failing:
+                    self._failing = True
+                    log.warning("camera status not published yet, will retry: %s", exc)
+                return
+            with self._lock:
+                if self._queue and self._queue[0] is item:
+                    self._queue.popleft()
+            if self._failing:
+                self._failing = False
+                log.info("camera status publishing resumed")
+
+
+# ---------------------------------------------------------------- ingest
+
+class IngestGroup:
+    """One ingest thread per camera, feeding one bus. A thread that dies of an unexpected error
+    is logged in one line and restarted (a new ingest run: seq restarts under a new run_id)."""
+
+    def __init__(self, config: MonitorConfig, cameras: list[str], bus, on_status: Callable):
+        self.config = config
+        self.bus = bus
+        self.stop_event = threading.Event()
+        self.workers = {cid: self._worker(cid, on_status) for cid in cameras}
+        self.threads: dict[str, threading.Thread] = {}
+        self._drops_seen: dict[tuple[str, str], int] = {}
+        self._next_report = time.monotonic() + DROP_REPORT_S
+
+    def _worker(self, cid: str, on_status: Callable) -> IngestWorker:
+        cam, ing = self.config.cameras[cid], self.config.ingest
+        live = cam.effective_mode == "live"  # live: drop the oldest when the engine lags; replay: wait
+
+        def sink(frame) -> None:
+            self.bus.put(frame, live=live)
+
+        return IngestWorker(cid, cam.source, fps=cam.fps, resolution=cam.resolution, realtime=cam.realtime,
+                            loop=cam.loop, watchdog_s=ing.watchdog_s, backoff_initial_s=ing.backoff_initial_s,
+                            backoff_max_s=ing.backoff_max_s, connect_timeout_s=ing.connect_timeout_s,
+                            read_timeout_s=ing.read_timeout_s, sink=sink, on_status=on_status)
+
+    def start(self) -> None:
+        for cid, worker in self.workers.items():
+            thread = threading.Thread(target=self._run_camera, args=(cid, worker), name=f"ingest-{cid}",
+                                      daemon=True)
+            self.threads[cid] = thread
+            thread.start()
+
+    def _run_camera(self, cid: str, worker: IngestWorker) -> None:
+        delay = RESTART_MIN_S
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            try:
+                worker.run(self.stop_event)
+                return  # the file ended (or failed for good), or stop
+            except BusClosed:
+                return
+            except Exception as exc:  # a bug or an unexpected library error: restart, never die silently
+                if self.stop_event.is_set():
+                    return
+                if time.monotonic() - started > STABLE_S:
+                    delay = RESTART_MIN_S
+                log.error("ingest %s failed (%s); restarting in %.0fs", cid, _scrub(_one_line(exc), worker.source),
+                          delay)
+                if self.stop_event.wait(delay):
+                    return
+                delay = min(delay * 2, RESTART_MAX_S)
+
+    def done(self) -> bool:
+        return all(not t.is_alive() for t in self.threads.values())
+
+    def failed_cameras(self) -> dict[str, str]:
+        """Cameras that ended offline (a file that could not be read), with the reason."""
+        return {cid: w.detail for cid, w in self.workers.items() if w.status == OFFLINE}
+
+    def report_drops(self, force: bool = False) -> None:
+        """Log frames the bus lost since the last report (engine behind, or Redis down)."""
+        now = time.monotonic()
+        if not force and now < self._next_report:
+            return
+        self._next_report = now + DROP_REPORT_S
+        stats = self.bus.stats.snapshot()
+        for (cam, reason), total in sorted(stats.dropped_by_reason.items()):
+            new = total - self._drops_seen.get((cam, reason), 0)
+            if new > 0:
+                self._drops_seen[(cam, reason)] = total
+                log.warning("camera %s: %d frame(s) dropped (%s), %d in total", cam, new, reason, total)
+
+    def stop(self) -> None:
+        """Stop every camera; the bus is closed too, which wakes a put waiting for room."""
+        self.stop_event.set()
+        deadline = time.monotonic() + 1.0
+        for thread in self.threads.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.bus.close()
+        deadline = time.monotonic() + INGEST_STOP_S
+        for cid, thread in self.threads.items():
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():  # stuck in a blocking read; PyAV's own timeout ends it later
+                log.warning("ingest %s did not stop within %.0fs", cid, INGEST_STOP_S)
+        self.report_drops(force=True)
+
+
+def run_ingest(config: MonitorConfig, cameras: list[str], stop: threading.Event) -> None:
+    """The `ingest` command and the ingest child of `run`: cameras -> Redis frame bus."""
+    _require_redis(config, "ingest")
+    publisher = build_publisher(config, results=False)
+    bus = make_redis_bus(config, cameras)
+    relay = StatusRelay(publisher)
+    group = IngestGroup(config, cameras, bus, relay)
+    log.info("ingest: cameras %s -> %s (pid %d)", ", ".join(cameras), bus.url_for_logs, os.getpid())
+    group.start()
+    try:
+        while not stop.wait(TICK_S):
+            relay.flush()
+            group.report_drops()
+            if group.done():
+                break
+    finally:
+        group.stop()
+        relay.flush(force=True)
+        publisher.close()
+
+
+# ---------------------------------------------------------------- engine
+
+def run_engine(config: MonitorConfig, stop: threading.Event, drain_all: "threading.Event | None" = None,
+               ready: "threading.Event | None" = None):
+    """The `engine` command and the engine child of `run`: Redis frame bus -> results.
+    `ready` is set once the models are loaded."""
+    from .worker import EngineWorker  # torch: only where the engine runs
+
+    _require_redis(config, "engine")
+    publisher = build_publisher(config)
+    bus = make_redis_bus(config, camera_ids(config), consumer=f"engine-{socket.gethostname()}-{os.getpid()}")
+    try:
+        engine = EngineWorker(config, bus, publisher)
+        log.info("engine: cameras %s from %s on %s (pid %d)", ", ".join(camera_ids(config)), bus.url_for_logs,
+                 next(iter(engine.scenes.values())).model.device, os.getpid())
+        engine.stopping = stop
+        if ready is not None:
+            ready.set()
+        while not stop.is_set():
+            engine.step()  # also claims frames a dead engine left pending, and reloads changed banks
+        everything = drain_all is not None and drain_all.is_set()
+        engine.drain(limit_s=None if everything else DRAIN_LIMIT_S)
+        engine.close()
+        engine.log_stats()
+        return engine
+    finally:
+        bus.close()
+        publisher.close()
+
+
+# ---------------------------------------------------------------- one process
+
+@dataclass
+class LocalRun:
+    engine: object  # EngineWorker
+    ingest: IngestGroup
+    seconds: float
+
+
+def run_local(config: MonitorConfig, stop: threading.Event,
+              on_frames: Callable[[int], None] | None = None) -> LocalRun:
+    """Ingest threads + engine in this process over an InProcessBus, until stop or until every
+    camera has finished; then everything the bus accepted is processed."""
+    from .worker import EngineWorker
+
+    publisher = build_publisher(config)
+    try:
+        bus = InProcessBus(max_len=config.bus.max_len)
+        engine = EngineWorker(config, bus, publisher)
+        t0 = time.perf_counter()  # frames/s of the pipeline, not of loading models
+        relay = StatusRelay(publisher)
+        ingest = IngestGroup(config, camera_ids(config), bus, relay)
+        engine.stopping = stop
+        ingest.start()
+        try:
+            while not stop.is_set():
+                n = engine.step()
+                if n and on_frames:
+                    on_frames(n)
+                relay.flush()
+                ingest.report_drops()
+                if ingest.done() and bus.pending() == 0:
+                    break
+        finally:
+            ingest.stop()
+            while True:  # the bus is closed now: step returns at once when it is empty
+                n = engine.step(max_wait_s=0.5)
+                if not n:
+                    break
+                if on_frames:
+                    on_frames(n)
+            engine.close()
+            relay.flush(force=True)
+    finally:
+        publisher.close()
+    return LocalRun(engine, ingest, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- supervised processes
+
+def _child_main(role: str, config: MonitorConfig, cameras: list[str] | None, stop_event, drain_all,
+                log_json: bool, log_level: str) -> None:
+    setup_logging(log_json, log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group; the parent orders the stop
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    parent = multiprocessing.parent_process()
+
+    def watch() -> None:  # also stop if the supervisor died without telling us
+        while not stop.wait(TICK_S):
+            if stop_event.is_set() or (parent is not None and not parent.is_alive()):
+                stop.set()
+
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
+    name = multiprocessing.current_process().name
+    try:
+        if role == "engine":
+            run_engine(config, stop, drain_all)
+        else:
+            run_ingest(config, cameras or [], stop)
+    except SpadeError as exc:
+        log.error("%s: %s", name, exc)
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as exc:
+        log.error("%s crashed: %s", name, _one_line(exc))
+        log.debug("crash", exc_info=True)
+        sys.exit(1)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+@dataclass
+class _Child:
+    name: str
+    role: str  # 'engine' or 'ingest'
+    cameras: list[str] | None
+    proc: multiprocessing.process.BaseProcess | None = None
+    started: float = 0.0
+    delay: float = RESTART_MIN_S
+    restart_at: float = 0.0
+    done: bool = False
+
+
+class Supervisor:
+    """`run` with a Redis bus: an engine process and one ingest process per camera."""
+
+    def __init__(self, config: MonitorConfig, log_json: bool = False):
+        self.config = config
+        self.log_json = log_json
+        self.ctx = multiprocessing.get_context("spawn")
+        self.ingest_stop = self.ctx.Event()
+        self.engine_stop = self.ctx.Event()
+        self.drain_all = self.ctx.Event()
+        self.children = [_Child("engine", "engine", None)] + [
+            _Child(f"ingest-{cid}", "ingest", [cid]) for cid in camera_ids(config)]
+
+    def _start(self, child: _Child) -> None:
+        stop = self.engine_stop if child.role == "engine" else self.ingest_stop
+        child.proc = self.ctx.Process(
+            target=_child_main, name=child.name, daemon=False,
+            args=(child.role, self.config, child.cameras, stop, self.drain_all, self.log_json,
+                  self.config.logging.level))
+        child.proc.start()
+        child.started = time.monotonic()
+
+    def run(self, stop: threading.Event) -> int:
+        log.info("starting the engine and %d ingest process(es)", len(self.children) - 1)
+        code = 0
+        try:
+            for child in self.children:
+                self._start(child)
+            while not stop.wait(TICK_S):
+                if self._check():
+                    code = EXIT_USER_ERROR
+                    break
+                if all(c.done for c in self.children if c.role == "ingest"):
+                    log.info("every camera has finished; the engine drains the bus and stops")
+                    self.drain_all.set()
+                    break
+        finally:
+            self._shutdown()
+        return code
+
+    def _check(self) -> bool:
+        """Restart dead children; True when one failed with a user error."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.done:
+                continue
+            if child.proc is None:
+                if now >= child.restart_at:
+                    self._start(child)
+                continue
+            if child.proc.is_alive():
+                continue
+            code = child.proc.exitcode
+            child.proc.join()
+            child.proc.close()
+            child.proc = None
+            if code == 0 and child.role == "ingest":
+                child.done = True  # its file ended or cannot be read: a restart changes nothing
+                continue
+            if code == EXIT_USER_ERROR:
+                log.error("%s cannot run (its error is above); stopping the monitor", child.name)
+                return True
+            if now - child.started > STABLE_S:
+                child.delay = RESTART_MIN_S
+            log.warning("%s exited unexpectedly (%s); restarting in %.0fs", child.name, _exit_text(code),
+                        child.delay)
+            child.restart_at = now + child.delay
+            child.delay = min(child.delay * 2, RESTART_MAX_S)
+        return False
+
+    def _stop_children(self, role: str, event, timeout: float) -> None:
+        event.set()
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            if child.role != role or child.proc is None:
+                continue
+            child.proc.join(max(0.0, deadline - time.monotonic()))
+            if child.proc.is_alive():
+                log.warning("%s did not stop within %.0fs; killing it", child.name, timeout)
+                child.proc.kill()
+                child.proc.join(5)
+
+    def _shutdown(self) -> None:
+        self._stop_children("ingest", self.ingest_stop, INGEST_STOP_S + 2)
+        self._stop_children("engine", self.engine_stop,
+                            ENGINE_DRAIN_ALL_S if self.drain_all.is_set() else ENGINE_STOP_S)
+        log.info("monitor stopped")
+
+
+# ---------------------------------------------------------------- entry point
+
+def run_service(config: MonitorConfig, log_json: bool = False) -> int:
+    """`spade-monitor run`: the whole monitor for this config, until a signal (or all files end)."""
+    with stop_on_signals() as stop:
+        if config.bus.kind == "inprocess":
+            result = run_local(config, stop)
+            result.engine.log_stats()
+            return 0
+        config.redis.connection_url()  # an unset password_env fails here, in one line
+        return Supervisor(config, log_json).run(stop)

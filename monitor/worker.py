@@ -1,0 +1,364 @@
+"""The engine worker: batches frames from every camera, gates them, escalates, publishes, acks.
+
+One backbone pass serves every frame of a batch whose scenes share a model and input size.
+A frame is acknowledged on the bus only after its result is published, so a crash between
+the two re-delivers it; the publisher's dedupe guard makes the second publication harmless.
+While a sink is down, publishing is retried and nothing is acked; a stop during the outage
+abandons the batch unacked, so a Redis bus re-delivers it to the next engine.
+
+The loop (step/run) also claims frames a dead engine left pending (every claim_idle_s) and
+reloads scene banks whose file changed (every RELOAD_EVERY_S).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.bank import ReferenceBank
+from engine.backbones import Features
+from engine.errors import BankError
+from engine.spade import Spade
+
+from .events import EventTracker
+from .frames import Frame
+from .publish import PublishError, encode_overlay
+from .results import FrameResult, regions_from_map
+
+log = logging.getLogger("spade_monitor.engine")
+
+RELOAD_EVERY_S = 5.0
+STATS_EVERY_S = 30.0
+PUBLISH_BACKOFF_MAX_S = 5.0
+
+
+class _Abandoned(Exception):
+    """Internal: stop was requested while the sink was down; the batch stays unacked."""
+
+
+@dataclass
+class Scene:
+    """A scene's bank, its model and its effective thresholds."""
+
+    name: str
+    path: Path
+    bank: ReferenceBank
+    model: Spade
+    tau: float
+    gate_tau: float
+    theta: float
+    normal_score: float  # typical image score of a normal frame, for unescalated frames
+    mtime: float
+    load_seconds: float
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    frames: int = 0
+    escalated: int = 0
+    flagged: int = 0
+    corrupt: int = 0
+    unknown_camera: int = 0
+    failed: int = 0  # frames of batches that raised: acked as skipped so they cannot wedge the stream
+    claimed: int = 0  # frames taken over from a dead engine
+    abandoned: int = 0  # frames left unacked at a stop during a sink outage
+    events_started: int = 0
+    publish_retries: int = 0
+    stage_seconds: dict = field(default_factory=lambda: defaultdict(float))
+
+
+class EngineWorker:
+    def __init__(self, config, bus, publisher, metrics=None):
+        if config.engine.threads:
+            torch.set_num_threads(config.engine.threads)
+        self.config = config
+        self.bus = bus
+        self.publisher = publisher
+        self.metrics = metrics
+        self.stats = EngineStats()
+        self.scenes: dict[str, Scene] = {}
+        self._extractors: dict[tuple, object] = {}
+        self._trackers: dict[str, EventTracker] = {}
+        self._recent: dict[str, deque] = {}
+        self._previous: dict = {}  # camera -> pyramid of its last frame, for temporal features
+        self.camera_scene = {cid: cam.scene for cid, cam in config.cameras.items() if cam.enabled}
+        self.stopping = None  # an Event; set by run(), checked while publishing is being retried
+        now = time.monotonic()
+        self._next_claim = now  # claim at once: a previous engine may have died with frames pending
+        self._next_reload = now + RELOAD_EVERY_S
+        self._next_stats = now + STATS_EVERY_S
+        self._stats_mark = (now, 0)
+        self.load_scenes()
+
+    # -- scenes ---------------------------------------------------------------------------------
+    def load_scenes(self) -> None:
+        for name, scene_cfg in self.config.scenes.items():
+            self.scenes[name] = self._load_scene(name, scene_cfg)
+
+    def _load_scene(self, name: str, scene_cfg) -> Scene:
+        t0 = time.perf_counter()
+        path = Path(scene_cfg.bank)
+        eng = self.config.engine
+        bank = ReferenceBank.load(path)
+        overrides = dict(device=eng.device, precision=eng.precision, k_image=eng.k_image,
+                         k_pixel=eng.k_pixel, batch_size=eng.max_batch)
+        probe = Spade.for_bank(bank, extractor=self._shared_extractor(bank, overrides), **overrides)
+        th = bank.thresholds
+        if "tau" not in th or "theta" not in th:
+            raise BankError(f"reference bank {path} is not calibrated: run 'spade-monitor reference calibrate {path}'")
+        tau = scene_cfg.tau if scene_cfg.tau is not None else th["tau"]
+        gate_tau = th.get("gate_tau", tau) if scene_cfg.tau is None or probe.config.image_score != "dn2" else tau
+        theta = scene_cfg.theta if scene_cfg.theta is not None else th["theta"]
+        bank = bank.to(probe.device)
+        if probe.config.temporal_diff > 0:
+            for cid, cam in self.config.cameras.items():
+                if cam.scene == name and cam.enabled and bank.meta.get("fps") != cam.fps:
+                    # Temporal features compare consecutive sampled frames: the spacing must match.
+                    log.warning("camera %s samples at %s fps but scene %s's bank was built at %s fps: "
+                                "rebuild it with 'reference build --fps %s'", cid, cam.fps, name,
+                                bank.meta.get("fps") or "the sources' own", cam.fps)
+        seconds = time.perf_counter() - t0
+        log.info("scene %s: %d reference frames from %s loaded in %.2fs", name, len(bank), path.name, seconds)
+        return Scene(name, path, bank, probe, float(tau), float(gate_tau), float(theta),
+                     float(th.get("image_median", tau)), path.stat().st_mtime, seconds)
+
+    def _shared_extractor(self, bank: ReferenceBank, overrides: dict):
+        key = (bank.meta["backbone"], bank.meta["weights_id"], tuple(bank.meta["levels"]),
+               overrides["device"], overrides["precision"])
+        if key not in self._extractors:
+            self._extractors[key] = Spade.for_bank(bank, **overrides).extractor
+        return self._extractors[key]
+
+    def reload_changed_scenes(self) -> list[str]:
+        """Swap in banks whose file changed; a broken new bank keeps the old one serving."""
+        reloaded = []
+        for name, scene in list(self.scenes.items()):
+            try:
+                mtime = scene.path.stat().st_mtime
+            except OSError:
+                continue
+            if mtime != scene.mtime:
+                try:
+                    self.scenes[name] = self._load_scene(name, self.config.scenes[name])
+                    reloaded.append(name)
+                except BankError as exc:
+                    scene.mtime = mtime  # do not retry the same broken file every batch
+                    log.error("scene %s: keeping the previous bank: %s", name, exc)
+        return reloaded
+
+    # -- the loop -------------------------------------------------------------------------------
+    def recover_pending(self, min_idle_s: float = 0.0) -> int:
+        """Process frames a dead engine left unacknowledged; returns how many."""
+        total = 0
+        while True:
+            msgs = self.bus.claim_stale(min_idle_s)
+            if not msgs:
+                return total
+            log.info("claimed %d frame(s) a previous engine left unacknowledged", len(msgs))
+            self.stats.claimed += len(msgs)
+            self._process_safely(msgs)
+            total += len(msgs)
+
+    def step(self, max_wait_s: float | None = None) -> int:
+        """One batch plus due housekeeping; returns the number of frames taken off the bus."""
+        eng = self.config.engine
+        now = time.monotonic()
+        taken = 0
+        if now >= self._next_claim:
+            self._next_claim = now + max(0.5, eng.claim_idle_s)
+            taken += self.recover_pending(eng.claim_idle_s)
+        if now >= self._next_reload:
+            self._next_reload = now + RELOAD_EVERY_S
+            self.reload_changed_scenes()  # _load_scene logs each reload
+        wait = eng.max_wait_ms / 1000.0 if max_wait_s is None else max_wait_s
+        msgs = self.bus.get_batch(eng.max_batch, wait)
+        if msgs:
+            self._process_safely(msgs)
+            taken += len(msgs)
+        if now >= self._next_stats:
+            self._next_stats = now + STATS_EVERY_S
+            self.log_stats()
+        return taken
+
+    def run(self, stop, drain_s: float | None = 0.0) -> None:
+        """Process until stop is set, then drain for up to drain_s seconds (None: until empty)."""
+        self.stopping = stop
+        while not stop.is_set():
+            self.step()
+        self.drain(limit_s=drain_s)
+
+    def drain(self, idle_s: float = 0.5, limit_s: float | None = None) -> int:
+        """Process what is still on the bus (ingest has stopped); stop when it stays empty for
+        idle_s, or after limit_s. Returns the number of frames processed."""
+        eng = self.config.engine
+        deadline = None if limit_s is None else time.monotonic() + limit_s
+        total = 0
+        while deadline is None or time.monotonic() < deadline:
+            msgs = self.bus.get_batch(eng.max_batch, idle_s)
+            if not msgs:
+                break
+            self._process_safely(msgs)
+            total += len(msgs)
+        return total
+
+    def _process_safely(self, msgs) -> None:
+        try:
+            self.process(msgs)
+        except _Abandoned:
+            self.stats.abandoned += len(msgs)
+            log.warning("stopping while results cannot be published: %d frame(s) left unacknowledged "
+                        "for the next engine", len(msgs))
+        except Exception as exc:  # a bug or a bad frame must not take every camera down
+            self.stats.failed += len(msgs)
+            log.error("a batch of %d frame(s) failed and was skipped: %s: %s", len(msgs),
+                      type(exc).__name__, " ".join(str(exc).split())[:300])
+            log.debug("batch failure", exc_info=True)
+            self.bus.ack([m.id for m in msgs])
+
+    def log_stats(self) -> None:
+        s = self.stats
+        now = time.monotonic()
+        t0, n0 = self._stats_mark
+        self._stats_mark = (now, s.frames)
+        rate = (s.frames - n0) / (now - t0) if now > t0 else 0.0
+        log.info("engine: %d frames (%.1f/s lately), %d flagged, %d escalated, %d events, %d corrupt, "
+                 "%d failed, %d claimed", s.frames, rate, s.flagged, s.escalated, s.events_started,
+                 s.corrupt, s.failed, s.claimed)
+
+    def process(self, msgs) -> list[FrameResult]:
+        t_start = time.perf_counter()
+        good, ack_now = [], []
+        for m in msgs:
+            if m.frame is None:
+                self.stats.corrupt += 1
+                log.warning("skipped a corrupt frame: %s", m.error)
+                ack_now.append(m.id)
+            elif self.camera_scene.get(m.frame.camera) not in self.scenes:
+                self.stats.unknown_camera += 1
+                ack_now.append(m.id)
+            else:
+                good.append(m)
+        results = self._score([m.frame for m in good]) if good else []
+        self._publish(results, good)
+        self.bus.ack(ack_now + [m.id for m in good])
+        self.stats.batches += 1
+        self.stats.frames += len(good)
+        self.stats.stage_seconds["batch"] += time.perf_counter() - t_start
+        if self.metrics is not None:
+            self.metrics.observe_batch(self, results, time.perf_counter() - t_start)
+        return results
+
+    def _score(self, frames: list[Frame]) -> list[tuple[FrameResult, bytes | None]]:
+        # Group by the backbone pass they can share: same extractor and same input geometry.
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, f in enumerate(frames):
+            scene = self.scenes[self.camera_scene[f.camera]]
+            c = scene.model.config
+            groups[(id(scene.model.extractor), tuple(scene.bank.meta["preprocess"]["size"]),
+                    c.normalize_global, c.temporal_diff)].append(i)
+        out: list = [None] * len(frames)
+        for idx in groups.values():
+            first = self.scenes[self.camera_scene[frames[idx[0]].camera]]
+            t0 = time.perf_counter()
+            feats = first.model.features([frames[i].image for i in idx], first.model.bank_preprocess(first.bank),
+                                         streams=[frames[i].camera for i in idx], context=self._previous)
+            self.stats.stage_seconds["backbone"] += time.perf_counter() - t0
+            by_scene: dict[str, list[int]] = defaultdict(list)
+            for j, i in enumerate(idx):
+                by_scene[self.camera_scene[frames[i].camera]].append(j)
+            for scene_name, rows in by_scene.items():
+                scene = self.scenes[scene_name]
+                sel = torch.tensor(rows, device=feats.global_.device)
+                sub = Features(global_=feats.global_[sel], pyramid={k: v[sel] for k, v in feats.pyramid.items()})
+                for j, res in zip(rows, self._score_scene(scene, [frames[idx[r]] for r in rows], sub)):
+                    out[idx[j]] = res
+        return out
+
+    def _score_scene(self, scene: Scene, frames: list[Frame], feats: Features):
+        eng = self.config.engine
+        t0 = time.perf_counter()
+        res = scene.model.score_features(feats, scene.bank, maps=eng.escalate, tau=scene.gate_tau)
+        self.stats.stage_seconds["match"] += time.perf_counter() - t0
+        maps = dict(zip(res.map_rows, res.maps if res.maps is not None else []))
+        by_peak = scene.model.config.image_score == "map_max"
+        window = scene.model.config.temporal_window
+        results = []
+        for i, frame in enumerate(frames):
+            amap = maps.get(i)
+            raw = float(res.image_scores[i])
+            if by_peak and math.isnan(raw):
+                raw = scene.normal_score  # below the gate: normal by construction
+            recent = self._recent.setdefault(frame.camera, deque(maxlen=window))
+            if recent.maxlen != window:
+                recent = self._recent[frame.camera] = deque(recent, maxlen=window)
+            recent.append(raw)
+            score = float(np.mean(recent))  # causal, as evaluate's smoothing
+            result = FrameResult(
+                camera=frame.camera, run_id=frame.run_id, seq=frame.seq, source_ts=frame.source_ts,
+                capture_ts=frame.capture_ts, published_ts=None, scene=scene.name, image_score=score,
+                tau=scene.tau, flagged=bool(score > scene.tau), escalated=amap is not None,
+                max_pixel_score=None, theta=scene.theta, anomalous_area=None, boxes=[], overlay_ref=None,
+            )
+            overlay = None
+            if amap is not None:
+                result.max_pixel_score = float(amap.max())
+                result.anomalous_area, result.boxes = regions_from_map(amap, scene.theta, frame.image.shape[:2])
+                if result.flagged and self.config.outputs.overlays:
+                    t1 = time.perf_counter()
+                    image = scene.model.bank_preprocess(scene.bank).frame(frame.image)
+                    overlay = encode_overlay(image, amap, scene.theta)
+                    self.stats.stage_seconds["overlay"] += time.perf_counter() - t1
+            self.stats.escalated += amap is not None
+            self.stats.flagged += result.flagged
+            results.append((result, overlay))
+        return results
+
+    def _publish(self, results, msgs) -> None:
+        t0 = time.perf_counter()
+        i, events, delay = 0, [], 0.2
+        while i < len(results) or events:
+            try:
+                if events:  # before the next result: keeps events in order
+                    self.publisher.publish_events(events)
+                    self.stats.events_started += sum(e.kind == "start" for e in events)
+                    events = []
+                if i < len(results):
+                    result, overlay = results[i]
+                    self.publisher.publish_result(result, overlay)  # idempotent, so safe to retry
+                    events = self._tracker(result.camera).update(result, result.overlay_ref)
+                    i += 1
+                delay = 0.2
+            except PublishError as exc:
+                # Keep the frames unacked and retry: nothing accepted is lost while Redis is down.
+                self.stats.publish_retries += 1
+                if self.stopping is not None and self.stopping.is_set():
+                    raise _Abandoned() from None
+                log.warning("publishing failed, retrying in %.1fs: %s", delay, exc)
+                if self.stopping is not None:
+                    self.stopping.wait(delay)
+                else:
+                    time.sleep(delay)
+                delay = min(delay * 2, PUBLISH_BACKOFF_MAX_S)
+        self.stats.stage_seconds["publish"] += time.perf_counter() - t0
+
+    def _tracker(self, camera: str) -> EventTracker:
+        if camera not in self._trackers:
+            ev = self.config.events
+            self._trackers[camera] = EventTracker(ev.open_after, ev.window, ev.close_after)
+        return self._trackers[camera]
+
+    def close(self) -> None:
+        """End open events (a stopped engine cannot see them end)."""
+        events = [e for tracker in self._trackers.values() for e in tracker.flush()]
+        if events:
+            try:
+                self.publisher.publish_events(events)
+            except PublishError as exc:
+                log.warning("could not publish the end of %d open event(s): %s", len(events), exc)
