@@ -44,6 +44,26 @@ def build_reference(spade: Spade, sources: list[str | Path], scene: str,
     bank = spade.build_bank(iter_grouped_frames(groups, fps), [str(s) for s in sources], total=total,
                             progress=progress)
     bank.meta["scene"] = scene
-    bank.meta["fps"] = fps
+    bank.meta["fps"] = fps if fps is not None else _common_video_rate(groups)
     calibrate(bank, spade.config)
     return bank
+
+
+def _common_video_rate(groups: list[list[Path]]) -> float | None:
+    """The frame rate shared by all video sources, or None (image folders, mixed rates)."""
+    import av
+
+    rates = set()
+    for files in groups:
+        for file in files:
+            if file.suffix.lower() not in VIDEO_EXTS:
+                return None
+            try:
+                with av.open(str(file)) as container:
+                    rate = container.streams.video[0].average_rate
+            except Exception:
+                return None
+            if not rate:
+                return None
+            rates.add(round(float(rate), 3))
+    return rates.pop() if len(rates) == 1 else None

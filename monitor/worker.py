@@ -117,13 +117,13 @@ class EngineWorker:
         gate_tau = th.get("gate_tau", tau) if scene_cfg.tau is None or probe.config.image_score != "dn2" else tau
         theta = scene_cfg.theta if scene_cfg.theta is not None else th["theta"]
         bank = bank.to(probe.device)
-        if probe.config.temporal_diff > 0:
+        built_fps = bank.meta.get("fps")
+        if probe.config.temporal_diff > 0 and built_fps is not None:
             for cid, cam in self.config.cameras.items():
-                if cam.scene == name and cam.enabled and bank.meta.get("fps") != cam.fps:
+                if cam.scene == name and cam.enabled and cam.fps is not None and abs(built_fps - cam.fps) > 1e-3:
                     # Temporal features compare consecutive sampled frames: the spacing must match.
                     log.warning("camera %s samples at %s fps but scene %s's bank was built at %s fps: "
-                                "rebuild it with 'reference build --fps %s'", cid, cam.fps, name,
-                                bank.meta.get("fps") or "the sources' own", cam.fps)
+                                "rebuild it with 'reference build --fps %s'", cid, cam.fps, name, built_fps, cam.fps)
         seconds = time.perf_counter() - t0
         log.info("scene %s: %d reference frames from %s loaded in %.2fs", name, len(bank), path.name, seconds)
         return Scene(name, path, bank, probe, float(tau), float(gate_tau), float(theta),
