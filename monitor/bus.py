@@ -26,6 +26,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from engine.errors import ConfigError, DataError, SpadeError
+from monitor.config import redact_url as _redact_url
 from monitor.frames import NAME_RE, Frame, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
@@ -205,18 +206,6 @@ class InProcessBus:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _redact_url(url: str) -> str:
-    """Drop userinfo and query (either may hold a password) so the URL can be logged."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, "", ""))
-    except ValueError:
-        return "<unparsable redis url>"
 
 
 def _url_password(url: str) -> str | None:

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from engine.errors import SpadeError
+from monitor.config import redact_url as config_redact_url
 from monitor.frames import Frame
 
 log = logging.getLogger(__name__)
@@ -54,15 +55,8 @@ def _redact(url: str) -> str:
     return _USERINFO_RE.sub(r"\g<scheme>***@", str(url))
 
 
-try:  # one redaction rule for the whole service when the config module provides it
-    from monitor.config import redact_url as _config_redact_url  # type: ignore[attr-defined]
-except ImportError:
-    _config_redact_url = None
-
-
 def redact_url(url: str) -> str:
-    text = _config_redact_url(str(url)) if _config_redact_url is not None else str(url)
-    return _redact(text)  # also applied after config's rule: it is idempotent and cheap
+    return _redact(config_redact_url(str(url)))  # _redact also catches URLs embedded in text
 
 
 def _scrub(text: str, url: str) -> str:

@@ -33,11 +33,15 @@ class LoadReport:
     latency_p99_ms: float
     escalation_rate: float
     flag_rate: float
+    stage_ms_per_frame: dict | None = None  # engine stages, in-process runs only
 
     def line(self) -> str:
-        return (f"{self.cameras} camera(s): {self.frames} frames in {self.seconds:.1f}s = {self.fps:.1f} frames/s, "
+        text = (f"{self.cameras} camera(s): {self.frames} frames in {self.seconds:.1f}s = {self.fps:.1f} frames/s, "
                 f"latency p50 {self.latency_p50_ms:.0f} ms p99 {self.latency_p99_ms:.0f} ms, "
                 f"escalated {self.escalation_rate:.0%}, flagged {self.flag_rate:.0%}")
+        if self.stage_ms_per_frame:
+            text += "; ms/frame " + ", ".join(f"{k} {v:.1f}" for k, v in self.stage_ms_per_frame.items())
+        return text
 
 
 def measure(results: list[dict], cameras: int) -> LoadReport:
@@ -85,10 +89,15 @@ def run_load(video: str | Path, bank: str | Path, cameras: int = 1, *, fps: floa
             drain_all.set()
             stop_engine.set()
             engine.join()
+            stages = None
         else:
-            run_local(config, threading.Event())
+            local = run_local(config, threading.Event())
+            frames = max(1, local.engine.stats.frames)
+            stages = {k: 1000.0 * v / frames for k, v in local.engine.stats.stage_seconds.items()}
         results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line]
-    return measure(results, cameras)
+    report = measure(results, cameras)
+    report.stage_ms_per_frame = stages
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 
 from engine.errors import ConfigError, SpadeError
 from engine.visualize import heatmap_overlay, save_score_timeline
+from monitor.config import redact_url
 from monitor.events import Event
 from monitor.frames import NAME_RE
 from monitor.results import FrameResult
@@ -44,16 +45,6 @@ def encode_overlay(frame_rgb: np.ndarray, amap: np.ndarray, theta: float | None,
     if not ok:
         raise ValueError("overlay could not be JPEG-encoded")
     return buf.tobytes()
-
-
-def redact_url(url: str) -> str:
-    """The URL without its userinfo (user and password), safe for logs and error messages."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc.rpartition("@")[2]
-        return parts._replace(netloc=netloc, query="").geturl()
-    except ValueError:
-        return "<unparsable redis URL>"
 
 
 def _ends_with_newline(path: Path) -> bool:

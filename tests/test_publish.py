@@ -179,7 +179,7 @@ def test_publish_error_never_shows_password(tmp_path):
         pub = RedisPublisher(url)
         assert pub.wait_until_up(10)
         assert pub.publish_result(make_result(), None) is True
-        assert "secretpw" not in repr(pub.url) and redact_url(url) == f"redis://127.0.0.1:{port}/0"
+        assert "secretpw" not in repr(pub.url) and redact_url(url) == f"redis://***@127.0.0.1:{port}/0"
 
         wrong = RedisPublisher(f"redis://admin:wrongpw@127.0.0.1:{port}/0")
         with pytest.raises(PublishError) as info:
