@@ -14,7 +14,7 @@ import torch
 from .bank import ReferenceBank
 from .gate import knn
 from .matcher import anomaly_maps
-from .spade import SpadeConfig
+from .spade import SpadeConfig, coarse_gate_scores
 
 SINGLE_GROUP_FOLDS = 5
 
@@ -30,7 +30,10 @@ def holdout_folds(groups: torch.Tensor) -> torch.Tensor:
 
 def holdout_scores(bank: ReferenceBank, config: SpadeConfig, max_eval: int = 240,
                    pixel_samples: int = 2_000_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image scores, DN2 scores, sampled pixel scores) of bank frames scored against the other folds."""
+    """(image scores, gate scores, sampled pixel scores) of bank frames scored against the other folds.
+
+    Gate scores are DN2 scores, or coarse cell-distance peaks with config.gate="coarse".
+    """
     folds = holdout_folds(bank.groups)
     n = len(bank)
     if folds.unique().numel() < 2:
@@ -51,12 +54,17 @@ def holdout_scores(bank: ReferenceBank, config: SpadeConfig, max_eval: int = 240
             d2, idx = knn(bank.global_feats[qb].float(), bank.global_feats[ref], k)
             neighbours = ref[idx]
             dn2 = d2[:, : config.k_image].mean(1).numpy()
+            if config.gate == "coarse":
+                gate = coarse_gate_scores({lv: bank.pyramid[lv][qb].float() for lv in config.levels[-1:]},
+                                          bank.pyramid, neighbours, config.levels[-1]).numpy()
+            else:
+                gate = dn2
             pyr = {lv: bank.pyramid[lv][qb].float() for lv in config.levels}
             maps = anomaly_maps(pyr, bank.pyramid, neighbours[:, : config.k_pixel], size,
                                 sigma=config.sigma).numpy()
             flat = maps.reshape(len(qb), -1)
             image_scores.append(flat.max(1) if config.image_score == "map_max" else dn2)
-            dn2_scores.append(dn2)
+            dn2_scores.append(gate)
             take = rng.integers(0, flat.shape[1], size=(len(qb), min(per_frame_pixels, flat.shape[1])))
             pixel_values.append(np.take_along_axis(flat, take, 1).ravel())
     return np.concatenate(image_scores), np.concatenate(dn2_scores), np.concatenate(pixel_values)

@@ -39,7 +39,10 @@ class SpadeConfig:
     # features: speed tells a cyclist from a walker where appearance alone does not.
     temporal_diff: float = 0.0
     image_quantile: float = 0.99  # tau = this quantile of held-out normal image scores
-    gate_quantile: float = 0.9  # gate_tau for map_max scoring: DN2 quantile that escalates
+    gate_quantile: float = 0.9  # gate_tau for map_max scoring: gate-score quantile that escalates
+    # "dn2": global-feature kNN; "coarse": peak of the deepest level's cell distances to the
+    # nearest frame, which small objects move where they hardly move a global feature.
+    gate: str = "dn2"
     pixel_quantile: float = 0.999  # theta = this quantile of held-out normal pixel scores
     max_frames: int = 5000
     subsample: str = "uniform"  # or "kcenter"
@@ -55,6 +58,7 @@ class SpadeConfig:
             "geometry": (self.geometry, ("full", "crop")),
             "image_score": (self.image_score, ("dn2", "map_max")),
             "subsample": (self.subsample, ("uniform", "kcenter")),
+            "gate": (self.gate, ("dn2", "coarse")),
             "precision": (self.precision, ("auto", "fp32", "bf16", "fp16")),
         }
         for key, (value, allowed) in checks.items():
@@ -87,7 +91,7 @@ PRESETS: dict[str, SpadeConfig] = {
                              normalize_global=False, image_score="dn2"),
     # Fixed cameras: native resolution, frame score = peak of the map, smoothed over frames.
     "camera": SpadeConfig(geometry="full", levels=("s8", "s16"), k_image=10, k_pixel=10,
-                          image_score="map_max", temporal_window=5, temporal_diff=1.0),
+                          image_score="map_max", temporal_window=5, temporal_diff=1.0, gate="coarse"),
     # Inspection images (MVTec layout): the paper's crop, deeper levels for large diffuse defects,
     # image score = peak of the map.
     "inspection": SpadeConfig(geometry="crop", levels=("s8", "s16", "s32"), k_image=10, k_pixel=10,
@@ -109,6 +113,17 @@ class ScoreResult:
     neighbours: np.ndarray  # (B, K) bank indices, nearest first
     maps: np.ndarray | None = None  # (B, H, W) at the model input size, None where not computed
     map_rows: list[int] = field(default_factory=list)  # which frames of the batch have maps
+
+
+def coarse_gate_scores(query_pyramid: dict, bank_pyramid: dict, neighbours: torch.Tensor,
+                       level: str) -> torch.Tensor:
+    """Peak distance of each frame's `level` cells to the cells of its nearest reference frame.
+
+    At stride 16 this costs a few percent of full pixel matching.
+    """
+    q = query_pyramid[level]
+    maps = anomaly_maps({level: q}, bank_pyramid, neighbours[:, :1], tuple(q.shape[2:]), sigma=0.0)
+    return maps.flatten(1).max(1).values
 
 
 class Spade:
@@ -305,7 +320,8 @@ class Spade:
         elif maps == "flagged":
             th = bank.thresholds
             tau = th.get("gate_tau", th.get("tau")) if tau is None else tau
-            rows = [] if tau is None else torch.nonzero(dn2 > tau).flatten().tolist()
+            gate = dn2 if c.gate == "dn2" else coarse_gate_scores(feats.pyramid, bank.pyramid, idx, c.levels[-1])
+            rows = [] if tau is None else torch.nonzero(gate > tau).flatten().tolist()
         else:
             rows = []
         out_maps = None

@@ -48,6 +48,14 @@ def test_calibrated_thresholds_flag_few_normal_frames_and_many_anomalous(scene, 
     assert (scores[labels == 0] > tau).mean() < 0.2
     assert (scores[labels == 1] > tau).mean() > 0.5
     assert np.median(areas[labels == 0]) < 0.01
+    # The gate alone escalates most anomalous frames, and far fewer normal ones. (This scene's
+    # bank is tiny, so normal escalation is high here: 0-4% on the 240x320 demo scene.)
+    escalated = []
+    for clip in data.test_clips(data.scenes()[0]):
+        escalated += [amap is not None for _, _, amap in camera_model.iter_scores(clip.frames(), bank, maps="flagged")]
+    escalated = np.asarray(escalated)
+    rates = escalated[labels == 1].mean(), escalated[labels == 0].mean()
+    assert rates[0] > 0.75 and rates[0] - rates[1] > 0.3, rates
 
 
 def test_holdout_calibration_uses_each_clip_against_the_others(scene, camera_model):
