@@ -117,8 +117,9 @@ def save_score_timeline(
     labels: ArrayLike | None = None,
     threshold: float | None = None,
     title: str = "",
+    shade_label: str = "anomalous (ground truth)",
 ) -> None:
-    """Plot per-frame anomaly scores to a ~1200x300 px PNG.
+    """Plot per-frame anomaly scores to a ~1200x300 px PNG; frames with labels == 1 are shaded.
 
     Parameters
     ----------
@@ -150,7 +151,7 @@ def save_score_timeline(
             raise ValueError(f"labels has {flags.size} frames but scores has {values.size}")
         for i, (start, stop) in enumerate(_runs(flags > 0)):
             ax.axvspan(start - 0.5, stop - 0.5, color="tab:red", alpha=0.15, linewidth=0,
-                       label="anomalous (ground truth)" if i == 0 else None)
+                       label=shade_label if i == 0 else None)
     ax.plot(frames, values, color="tab:blue", linewidth=1.0, label="score")
     if threshold is not None:
         ax.axhline(threshold, color="black", linestyle="--", linewidth=1.0, label="threshold")

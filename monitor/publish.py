@@ -308,7 +308,8 @@ class DirectoryPublisher:
             title += " (arrival order)"
         tau = samples[-1][4]
         save_score_timeline(self.out_dir / f"timeline_{camera}.png", scores, labels=flags,
-                            threshold=tau if math.isfinite(tau) else None, title=title)
+                            threshold=tau if math.isfinite(tau) else None, title=title,
+                            shade_label="flagged")
 
 
 class MultiPublisher:
