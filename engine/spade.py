@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -113,6 +114,8 @@ class ScoreResult:
     neighbours: np.ndarray  # (B, K) bank indices, nearest first
     maps: np.ndarray | None = None  # (B, H, W) at the model input size, None where not computed
     map_rows: list[int] = field(default_factory=list)  # which frames of the batch have maps
+    gate_seconds: float = 0.0  # kNN and gate, for the service's stage metrics
+    match_seconds: float = 0.0  # pixel matching of the escalated frames
 
 
 def coarse_gate_scores(query_pyramid: dict, bank_pyramid: dict, neighbours: torch.Tensor,
@@ -312,6 +315,7 @@ class Spade:
         c = self.config
         size = tuple(bank.meta["preprocess"]["size"])
         k = max(c.k_image, c.k_pixel)
+        t0 = time.perf_counter()
         d2, idx = knn(feats.global_, bank.global_feats, k)
         dn2 = d2[:, : c.k_image].mean(1)
         batch = dn2.shape[0]
@@ -325,18 +329,21 @@ class Spade:
         else:
             rows = []
         out_maps = None
+        t1 = time.perf_counter()
         if rows:
             sel = torch.tensor(rows, device=dn2.device)
             pyr = {lv: feats.pyramid[lv][sel] for lv in c.levels}
             out_maps = anomaly_maps(pyr, bank.pyramid, idx[sel, : c.k_pixel], size,
                                     sigma=c.sigma).cpu().numpy()
+        t2 = time.perf_counter()
         image_scores = dn2.cpu().numpy()
         if c.image_score == "map_max":
             image_scores = np.full(batch, np.nan, dtype=np.float32)
             if rows:
                 image_scores[rows] = out_maps.reshape(len(rows), -1).max(1)
         return ScoreResult(image_scores=image_scores, dn2_scores=dn2.cpu().numpy(),
-                           neighbours=idx.cpu().numpy(), maps=out_maps, map_rows=rows)
+                           neighbours=idx.cpu().numpy(), maps=out_maps, map_rows=rows,
+                           gate_seconds=t1 - t0, match_seconds=t2 - t1)
 
     def iter_scores(self, frames: Iterable[np.ndarray], bank: ReferenceBank, maps: str = "all",
                     bgr: bool = False) -> Iterator[tuple[np.ndarray, float, np.ndarray | None]]:

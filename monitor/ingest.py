@@ -12,7 +12,8 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 from urllib.parse import unquote, urlsplit
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ONLINE, OFFLINE, RECONNECTING, FINISHED = "online", "offline", "reconnecting", "finished"
 STATUSES = (ONLINE, OFFLINE, RECONNECTING, FINISHED)
+DECODE_TIMES_KEPT = 2000
 
 # Network schemes are live by default: they are reconnected on loss, never paced or looped.
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "rtp", "srt", "tcp")
@@ -164,6 +166,8 @@ class IngestStats:
     reconnects: int = 0     # open attempts after the first
     dropped: int = 0        # live frames discarded because the sink was slower than the camera
     last_frame_wall: float = 0.0  # time.time() of the last frame handed on; 0 before the first
+    # Per-frame decode times, drained by the metrics tick; bounded in case nothing drains them.
+    decode_seconds: deque = field(default_factory=lambda: deque(maxlen=DECODE_TIMES_KEPT))
 
 
 class CameraReader:
@@ -291,6 +295,7 @@ class CameraReader:
                 self.stats.decode_errors += 1  # truncated or damaged file tail: keep what we had
                 break
             corrupt = bool(packet.is_corrupt)
+            started = time.perf_counter()
             try:
                 frames = packet.decode()
             except (av.error.InvalidDataError, av.error.FFmpegError, ValueError):
@@ -299,11 +304,13 @@ class CameraReader:
             if corrupt:
                 self.stats.decode_errors += 1  # decoded for the reference state, not shown
                 continue
+            per_frame = (time.perf_counter() - started) / max(1, len(frames))
             for frame in frames:
                 if frame.is_corrupt:  # concealed damage: could look like an anomaly
                     self.stats.decode_errors += 1
                     continue
                 self.stats.decoded += 1
+                self.stats.decode_seconds.append(per_frame)
                 yield (float(frame.time) if frame.time is not None else None), frame
 
     def _to_rgb(self, frame: Any) -> np.ndarray:

@@ -31,10 +31,11 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -44,6 +45,7 @@ from engine.errors import ConfigError, SpadeError
 from .bus import BusClosed, InProcessBus, RedisFrameBus
 from .config import MonitorConfig, camera_ids
 from .ingest import OFFLINE, IngestWorker, _scrub
+from .metrics import Health, IngestMetrics, mark_process_dead, multiprocess_registry, serve
 from .publish import DirectoryPublisher, MultiPublisher, PublishError, RedisPublisher
 
 log = logging.getLogger("spade_monitor.runner")
@@ -230,6 +232,7 @@ class IngestGroup:
         self.bus = bus
         self.stop_event = threading.Event()
         self.workers = {cid: self._worker(cid, on_status) for cid in cameras}
+        self.metrics = IngestMetrics(self.workers, bus)
         self.threads: dict[str, threading.Thread] = {}
         self._drops_seen: dict[tuple[str, str], int] = {}
         self._next_report = time.monotonic() + DROP_REPORT_S
@@ -280,6 +283,11 @@ class IngestGroup:
         """Cameras that ended offline (a file that could not be read), with the reason."""
         return {cid: w.detail for cid, w in self.workers.items() if w.status == OFFLINE}
 
+    def tick(self) -> None:
+        """Housekeeping from the supervising loop: metrics and drop reports."""
+        self.metrics.update()
+        self.report_drops()
+
     def report_drops(self, force: bool = False) -> None:
         """Log frames the bus lost since the last report (engine behind, or Redis down)."""
         now = time.monotonic()
@@ -306,48 +314,77 @@ class IngestGroup:
             if thread.is_alive():  # stuck in a blocking read; PyAV's own timeout ends it later
                 log.warning("ingest %s did not stop within %.0fs", cid, INGEST_STOP_S)
         self.report_drops(force=True)
+        self.metrics.update()
 
 
-def run_ingest(config: MonitorConfig, cameras: list[str], stop: threading.Event) -> None:
-    """The `ingest` command and the ingest child of `run`: cameras -> Redis frame bus."""
-    _require_redis(config, "ingest")
-    publisher = build_publisher(config, results=False)
-    bus = make_redis_bus(config, cameras)
-    relay = StatusRelay(publisher)
-    group = IngestGroup(config, cameras, bus, relay)
-    log.info("ingest: cameras %s -> %s (pid %d)", ", ".join(cameras), bus.url_for_logs, os.getpid())
-    group.start()
+@contextmanager
+def metrics_endpoint(config: MonitorConfig, health: Health, registry=None) -> Iterator[None]:
+    """/metrics, /healthz and /readyz for the duration (nothing when metrics.port is 0)."""
+    server = serve(config, health) if registry is None else serve(config, health, registry)
     try:
-        while not stop.wait(TICK_S):
-            relay.flush()
-            group.report_drops()
-            if group.done():
-                break
+        yield
     finally:
-        group.stop()
-        relay.flush(force=True)
-        publisher.close()
+        if server is not None:
+            server.close()
+
+
+def _redis_for_health(config: MonitorConfig) -> str | None:
+    return config.redis.connection_url() if uses_redis_publisher(config) else None
+
+
+def run_ingest(config: MonitorConfig, cameras: list[str], stop: threading.Event, serve_metrics: bool = True) -> None:
+    """The `ingest` command and the ingest child of `run`: cameras -> Redis frame bus.
+    The child of `run` leaves the endpoint to its supervisor (serve_metrics=False)."""
+    _require_redis(config, "ingest")
+    health = Health(_redis_for_health(config), needs_banks=False)
+    with metrics_endpoint(config, health) if serve_metrics else nullcontext():
+        publisher = build_publisher(config, results=False)
+        bus = make_redis_bus(config, cameras)
+        relay = StatusRelay(publisher)
+        group = IngestGroup(config, cameras, bus, relay)
+        log.info("ingest: cameras %s -> %s (pid %d)", ", ".join(cameras), bus.url_for_logs, os.getpid())
+        group.start()
+        try:
+            while not stop.wait(TICK_S):
+                health.beat()
+                relay.flush()
+                group.tick()
+                if group.done():
+                    break
+        finally:
+            group.stop()
+            relay.flush(force=True)
+            publisher.close()
 
 
 # ---------------------------------------------------------------- engine
 
 def run_engine(config: MonitorConfig, stop: threading.Event, drain_all: "threading.Event | None" = None,
-               ready: "threading.Event | None" = None):
+               ready: "threading.Event | None" = None, serve_metrics: bool = True):
     """The `engine` command and the engine child of `run`: Redis frame bus -> results.
-    `ready` is set once the models are loaded."""
+    `ready` is set once the models are loaded. The child of `run` leaves the endpoint to its
+    supervisor (serve_metrics=False)."""
+    _require_redis(config, "engine")
+    health = Health(_redis_for_health(config))
+    with metrics_endpoint(config, health) if serve_metrics else nullcontext():
+        return _engine_loop(config, stop, drain_all, ready, health)
+
+
+def _engine_loop(config: MonitorConfig, stop: threading.Event, drain_all, ready, health: Health):
     from .worker import EngineWorker  # torch: only where the engine runs
 
-    _require_redis(config, "engine")
     publisher = build_publisher(config)
     bus = make_redis_bus(config, camera_ids(config), consumer=f"engine-{socket.gethostname()}-{os.getpid()}")
     try:
         engine = EngineWorker(config, bus, publisher)
         log.info("engine: cameras %s from %s on %s (pid %d)", ", ".join(camera_ids(config)), bus.url_for_logs,
-                 next(iter(engine.scenes.values())).model.device, os.getpid())
+                 engine.device, os.getpid())
         engine.stopping = stop
+        health.set_loaded()
         if ready is not None:
             ready.set()
         while not stop.is_set():
+            health.beat()
             engine.step()  # also claims frames a dead engine left pending, and reloads changed banks
         everything = drain_all is not None and drain_all.is_set()
         engine.drain(limit_s=None if everything else DRAIN_LIMIT_S)
@@ -369,15 +406,18 @@ class LocalRun:
 
 
 def run_local(config: MonitorConfig, stop: threading.Event,
-              on_frames: Callable[[int], None] | None = None) -> LocalRun:
+              on_frames: Callable[[int], None] | None = None, health: Health | None = None) -> LocalRun:
     """Ingest threads + engine in this process over an InProcessBus, until stop or until every
-    camera has finished; then everything the bus accepted is processed."""
+    camera has finished; then everything the bus accepted is processed. `health` (for an
+    endpoint) hears the loop's beats and when the banks are loaded."""
     from .worker import EngineWorker
 
+    health = health if health is not None else Health(needs_banks=True)
     publisher = build_publisher(config)
     try:
         bus = InProcessBus(max_len=config.bus.max_len)
         engine = EngineWorker(config, bus, publisher)
+        health.set_loaded()
         t0 = time.perf_counter()  # frames/s of the pipeline, not of loading models
         relay = StatusRelay(publisher)
         ingest = IngestGroup(config, camera_ids(config), bus, relay)
@@ -385,11 +425,12 @@ def run_local(config: MonitorConfig, stop: threading.Event,
         ingest.start()
         try:
             while not stop.is_set():
+                health.beat()
                 n = engine.step()
                 if n and on_frames:
                     on_frames(n)
                 relay.flush()
-                ingest.report_drops()
+                ingest.tick()
                 if ingest.done() and bus.pending() == 0:
                     break
         finally:
@@ -409,7 +450,7 @@ def run_local(config: MonitorConfig, stop: threading.Event,
 
 # ---------------------------------------------------------------- supervised processes
 
-def _child_main(role: str, config: MonitorConfig, cameras: list[str] | None, stop_event, drain_all,
+def _child_main(role: str, config: MonitorConfig, cameras: list[str] | None, stop_event, drain_all, ready,
                 log_json: bool, log_level: str) -> None:
     setup_logging(log_json, log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group; the parent orders the stop
@@ -426,9 +467,9 @@ def _child_main(role: str, config: MonitorConfig, cameras: list[str] | None, sto
     name = multiprocessing.current_process().name
     try:
         if role == "engine":
-            run_engine(config, stop, drain_all)
+            run_engine(config, stop, drain_all, ready=ready, serve_metrics=False)
         else:
-            run_ingest(config, cameras or [], stop)
+            run_ingest(config, cameras or [], stop, serve_metrics=False)
     except SpadeError as exc:
         log.error("%s: %s", name, exc)
         sys.exit(EXIT_USER_ERROR)
@@ -460,7 +501,12 @@ class _Child:
 
 
 class Supervisor:
-    """`run` with a Redis bus: an engine process and one ingest process per camera."""
+    """`run` with a Redis bus: an engine process and one ingest process per camera.
+
+    Metrics: the children write prometheus_client's multiprocess files into a private folder
+    and this process serves their sum, so `run` has one endpoint whatever it starts. /readyz
+    is ready once the engine child has loaded its banks and Redis answers.
+    """
 
     def __init__(self, config: MonitorConfig, log_json: bool = False):
         self.config = config
@@ -469,25 +515,47 @@ class Supervisor:
         self.ingest_stop = self.ctx.Event()
         self.engine_stop = self.ctx.Event()
         self.drain_all = self.ctx.Event()
+        self.engine_ready = self.ctx.Event()
+        self.metrics_dir: str | None = None
         self.children = [_Child("engine", "engine", None)] + [
             _Child(f"ingest-{cid}", "ingest", [cid]) for cid in camera_ids(config)]
 
     def _start(self, child: _Child) -> None:
         stop = self.engine_stop if child.role == "engine" else self.ingest_stop
+        if child.role == "engine":
+            self.engine_ready.clear()
         child.proc = self.ctx.Process(
             target=_child_main, name=child.name, daemon=False,
-            args=(child.role, self.config, child.cameras, stop, self.drain_all, self.log_json,
+            args=(child.role, self.config, child.cameras, stop, self.drain_all, self.engine_ready, self.log_json,
                   self.config.logging.level))
         child.proc.start()
         child.started = time.monotonic()
 
     def run(self, stop: threading.Event) -> int:
+        if not self.config.metrics.port:
+            return self._run(stop, Health())
+        with tempfile.TemporaryDirectory(prefix="spade-metrics-") as folder:
+            # Spawned children import prometheus_client with this set: they write files here.
+            previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir = folder
+            try:
+                health = Health(self.config.redis.connection_url(), loaded=self.engine_ready.is_set)
+                with metrics_endpoint(self.config, health, multiprocess_registry(folder)):
+                    return self._run(stop, health)
+            finally:
+                if previous is None:
+                    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+                else:
+                    os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
+
+    def _run(self, stop: threading.Event, health: Health) -> int:
         log.info("starting the engine and %d ingest process(es)", len(self.children) - 1)
         code = 0
         try:
             for child in self.children:
                 self._start(child)
             while not stop.wait(TICK_S):
+                health.beat()
                 if self._check():
                     code = EXIT_USER_ERROR
                     break
@@ -513,6 +581,7 @@ class Supervisor:
                 continue
             code = child.proc.exitcode
             child.proc.join()
+            self._forget_metrics(child.proc.pid)
             child.proc.close()
             child.proc = None
             if code == 0 and child.role == "ingest":
@@ -528,6 +597,10 @@ class Supervisor:
             child.restart_at = now + child.delay
             child.delay = min(child.delay * 2, RESTART_MAX_S)
         return False
+
+    def _forget_metrics(self, pid: int | None) -> None:
+        if self.metrics_dir is not None and pid is not None:
+            mark_process_dead(pid, self.metrics_dir)
 
     def _stop_children(self, role: str, event, timeout: float) -> None:
         event.set()
@@ -554,7 +627,9 @@ def run_service(config: MonitorConfig, log_json: bool = False) -> int:
     """`spade-monitor run`: the whole monitor for this config, until a signal (or all files end)."""
     with stop_on_signals() as stop:
         if config.bus.kind == "inprocess":
-            result = run_local(config, stop)
+            health = Health(_redis_for_health(config))
+            with metrics_endpoint(config, health):
+                result = run_local(config, stop, health=health)
             result.engine.log_stats()
             return 0
         config.redis.connection_url()  # an unset password_env fails here, in one line

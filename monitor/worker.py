@@ -28,6 +28,7 @@ from engine.spade import Spade
 
 from .events import EventTracker
 from .frames import Frame
+from .metrics import EngineMetrics
 from .publish import PublishError, encode_overlay
 from .results import FrameResult, regions_from_map
 
@@ -36,6 +37,25 @@ log = logging.getLogger("spade_monitor.engine")
 RELOAD_EVERY_S = 5.0
 STATS_EVERY_S = 30.0
 PUBLISH_BACKOFF_MAX_S = 5.0
+
+
+def _camera_of(msg) -> str:
+    """The camera of a bus message, also for a corrupt one (Redis ids are '<camera>/<entry id>')."""
+    if msg.frame is not None:
+        return msg.frame.camera
+    return msg.id.split("/", 1)[0] if "/" in msg.id else "unknown"
+
+
+def _unix_time(iso_utc: str | None) -> float | None:
+    """Bank metadata's 'created' (UTC, ISO 8601) as unix time; None when absent or unreadable."""
+    if not iso_utc:
+        return None
+    import calendar
+
+    try:
+        return float(calendar.timegm(time.strptime(iso_utc, "%Y-%m-%dT%H:%M:%SZ")))
+    except (TypeError, ValueError):
+        return None
 
 
 class _Abandoned(Exception):
@@ -75,13 +95,13 @@ class EngineStats:
 
 
 class EngineWorker:
-    def __init__(self, config, bus, publisher, metrics=None):
+    def __init__(self, config, bus, publisher, metrics: EngineMetrics | None = None):
         if config.engine.threads:
             torch.set_num_threads(config.engine.threads)
         self.config = config
         self.bus = bus
         self.publisher = publisher
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else EngineMetrics()
         self.stats = EngineStats()
         self.scenes: dict[str, Scene] = {}
         self._extractors: dict[tuple, object] = {}
@@ -96,6 +116,11 @@ class EngineWorker:
         self._next_stats = now + STATS_EVERY_S
         self._stats_mark = (now, 0)
         self.load_scenes()
+
+    @property
+    def device(self) -> str:
+        """Where the models run ('cpu', 'cuda:0'): the label of the memory metric."""
+        return str(next(iter(self.scenes.values())).model.device) if self.scenes else "cpu"
 
     # -- scenes ---------------------------------------------------------------------------------
     def load_scenes(self) -> None:
@@ -126,6 +151,8 @@ class EngineWorker:
                                 "rebuild it with 'reference build --fps %s'", cid, cam.fps, name, built_fps, cam.fps)
         seconds = time.perf_counter() - t0
         log.info("scene %s: %d reference frames from %s loaded in %.2fs", name, len(bank), path.name, seconds)
+        self.metrics.observe_scene(name, len(bank), bank.bytes_per_frame() * len(bank), seconds,
+                                   _unix_time(bank.meta.get("created")))
         return Scene(name, path, bank, probe, float(tau), float(gate_tau), float(theta),
                      float(th.get("image_median", tau)), path.stat().st_mtime, seconds)
 
@@ -142,8 +169,10 @@ class EngineWorker:
         for name, scene in list(self.scenes.items()):
             try:
                 mtime = scene.path.stat().st_mtime
-            except OSError:
+            except OSError:  # deleted or moved: keep serving the loaded bank, but say so
+                self.metrics.scene_file_missing(name, True)
                 continue
+            self.metrics.scene_file_missing(name, False)
             if mtime != scene.mtime:
                 try:
                     self.scenes[name] = self._load_scene(name, self.config.scenes[name])
@@ -171,6 +200,7 @@ class EngineWorker:
         eng = self.config.engine
         now = time.monotonic()
         taken = 0
+        self.metrics.update(self.bus, self.device)
         if now >= self._next_claim:
             self._next_claim = now + max(0.5, eng.claim_idle_s)
             taken += self.recover_pending(eng.claim_idle_s)
@@ -217,6 +247,8 @@ class EngineWorker:
                         "for the next engine", len(msgs))
         except Exception as exc:  # a bug or a bad frame must not take every camera down
             self.stats.failed += len(msgs)
+            for m in msgs:
+                self.metrics.observe_drop(_camera_of(m), "failed")
             log.error("a batch of %d frame(s) failed and was skipped: %s: %s", len(msgs),
                       type(exc).__name__, " ".join(str(exc).split())[:300])
             log.debug("batch failure", exc_info=True)
@@ -233,12 +265,14 @@ class EngineWorker:
                  s.corrupt, s.failed, s.claimed)
 
     def process(self, msgs) -> list[FrameResult]:
-        t_start = time.perf_counter()
+        t_start, wall_start = time.perf_counter(), time.time()
+        stages_before = dict(self.stats.stage_seconds)
         good, ack_now = [], []
         for m in msgs:
             if m.frame is None:
                 self.stats.corrupt += 1
                 log.warning("skipped a corrupt frame: %s", m.error)
+                self.metrics.observe_drop(_camera_of(m), "corrupt")
                 ack_now.append(m.id)
             elif self.camera_scene.get(m.frame.camera) not in self.scenes:
                 self.stats.unknown_camera += 1
@@ -251,8 +285,9 @@ class EngineWorker:
         self.stats.batches += 1
         self.stats.frames += len(good)
         self.stats.stage_seconds["batch"] += time.perf_counter() - t_start
-        if self.metrics is not None:
-            self.metrics.observe_batch(self, results, time.perf_counter() - t_start)
+        stages = {k: v - stages_before.get(k, 0.0) for k, v in self.stats.stage_seconds.items()
+                  if k != "batch" and v != stages_before.get(k, 0.0)}
+        self.metrics.observe_batch(len(good), stages, [max(0.0, wall_start - m.frame.capture_ts) for m in good])
         return results
 
     def _score(self, frames: list[Frame]) -> list[tuple[FrameResult, bytes | None]]:
@@ -283,9 +318,10 @@ class EngineWorker:
 
     def _score_scene(self, scene: Scene, frames: list[Frame], feats: Features):
         eng = self.config.engine
-        t0 = time.perf_counter()
         res = scene.model.score_features(feats, scene.bank, maps=eng.escalate, tau=scene.gate_tau)
-        self.stats.stage_seconds["match"] += time.perf_counter() - t0
+        self.stats.stage_seconds["gate"] += res.gate_seconds
+        if res.map_rows:  # batches without escalations would pull the stage's quantiles to zero
+            self.stats.stage_seconds["pixel_matching"] += res.match_seconds
         maps = dict(zip(res.map_rows, res.maps if res.maps is not None else []))
         by_peak = scene.model.config.image_score == "map_max"
         window = scene.model.config.temporal_window
@@ -328,10 +364,12 @@ class EngineWorker:
                 if events:  # before the next result: keeps events in order
                     self.publisher.publish_events(events)
                     self.stats.events_started += sum(e.kind == "start" for e in events)
+                    self.metrics.observe_events(events)
                     events = []
                 if i < len(results):
                     result, overlay = results[i]
                     self.publisher.publish_result(result, overlay)  # idempotent, so safe to retry
+                    self.metrics.observe_result(result)
                     events = self._tracker(result.camera).update(result, result.overlay_ref)
                     i += 1
                 delay = 0.2
@@ -360,5 +398,6 @@ class EngineWorker:
         if events:
             try:
                 self.publisher.publish_events(events)
+                self.metrics.observe_events(events)
             except PublishError as exc:
                 log.warning("could not publish the end of %d open event(s): %s", len(events), exc)
