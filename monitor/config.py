@@ -374,9 +374,23 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 # -- cross-checks and path resolution ----------------------------------------------------------
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(text: str, path: str) -> str:
+    """${NAME} from the environment, so camera passwords stay out of config files."""
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{path}: environment variable {name} is not set; set it or write the value")
+        return os.environ[name]
+
+    return _ENV_REF.sub(value, text)
+
+
 def _resolve_source(cid: str, cam: CameraConfig, base_dir: Path, check_files: bool) -> str:
     path = f"cameras.{cid}.source"
-    source = cam.source.strip()
+    source = _expand_env(cam.source.strip(), path)
     scheme = _scheme(source)
     if scheme in LIVE_SCHEMES:
         return source

@@ -323,3 +323,15 @@ def test_generic_validator_handles_string_lists() -> None:
         _build(Tags, {"names": ["a", 3]}, "tags")
     with pytest.raises(ConfigError, match=r"^tags\.names: expected a list of strings, got 'a'$"):
         _build(Tags, {"names": "a"}, "tags")
+
+
+def test_camera_source_takes_secrets_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = minimal()
+    data["cameras"]["gate"]["source"] = "rtsp://admin:${GATE_PW}@10.0.0.7/stream"
+    monkeypatch.setenv("GATE_PW", "hunter2")
+    config = parse_config(copy.deepcopy(data), tmp_path, check_files=False)
+    assert config.cameras["gate"].source == "rtsp://admin:hunter2@10.0.0.7/stream"
+    assert "hunter2" not in repr(config)
+    monkeypatch.delenv("GATE_PW")
+    assert error_of(data, tmp_path) == ("cameras.gate.source: environment variable GATE_PW is not set; "
+                                        "set it or write the value")
