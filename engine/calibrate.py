@@ -13,7 +13,8 @@ import torch
 
 from .bank import ReferenceBank
 from .gate import knn
-from .matcher import anomaly_maps
+from .features import resolve_precision
+from .matcher import anomaly_maps, match_dtype
 from .spade import SpadeConfig, coarse_gate_scores
 
 SINGLE_GROUP_FOLDS = 5
@@ -43,6 +44,8 @@ def holdout_scores(bank: ReferenceBank, config: SpadeConfig, max_eval: int = 240
     rng = np.random.default_rng(seed)
     image_scores, dn2_scores, pixel_values = [], [], []
     per_frame_pixels = max(1, pixel_samples // len(eval_idx))
+    device = bank.global_feats.device
+    search_dtype = match_dtype(resolve_precision(config.precision, device), device)  # as the scoring path
     for fold in folds.unique().tolist():
         q = eval_idx[folds[eval_idx] == fold]
         ref = torch.nonzero(folds != fold).flatten()
@@ -56,12 +59,12 @@ def holdout_scores(bank: ReferenceBank, config: SpadeConfig, max_eval: int = 240
             dn2 = d2[:, : config.k_image].mean(1).numpy()
             if config.gate == "coarse":
                 gate = coarse_gate_scores({lv: bank.pyramid[lv][qb].float() for lv in config.levels[-1:]},
-                                          bank.pyramid, neighbours, config.levels[-1]).numpy()
+                                          bank.pyramid, neighbours, config.levels[-1], search_dtype).numpy()
             else:
                 gate = dn2
             pyr = {lv: bank.pyramid[lv][qb].float() for lv in config.levels}
             maps = anomaly_maps(pyr, bank.pyramid, neighbours[:, : config.k_pixel], size,
-                                sigma=config.sigma).numpy()
+                                sigma=config.sigma, search_dtype=search_dtype).numpy()
             flat = maps.reshape(len(qb), -1)
             image_scores.append(flat.max(1) if config.image_score == "map_max" else dn2)
             dn2_scores.append(gate)

@@ -15,7 +15,7 @@ from .bank import ReferenceBank, kcenter_greedy, uniform_subsample
 from .errors import ConfigError
 from .features import FeatureExtractor
 from .gate import dn2_scores, knn
-from .matcher import anomaly_maps
+from .matcher import anomaly_maps, match_dtype
 from .preprocess import Preprocess
 
 
@@ -119,13 +119,14 @@ class ScoreResult:
 
 
 def coarse_gate_scores(query_pyramid: dict, bank_pyramid: dict, neighbours: torch.Tensor,
-                       level: str) -> torch.Tensor:
+                       level: str, search_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Peak distance of each frame's `level` cells to the cells of its nearest reference frame.
 
     At stride 16 this costs a few percent of full pixel matching.
     """
     q = query_pyramid[level]
-    maps = anomaly_maps({level: q}, bank_pyramid, neighbours[:, :1], tuple(q.shape[2:]), sigma=0.0)
+    maps = anomaly_maps({level: q}, bank_pyramid, neighbours[:, :1], tuple(q.shape[2:]), sigma=0.0,
+                        search_dtype=search_dtype)
     return maps.flatten(1).max(1).values
 
 
@@ -144,6 +145,11 @@ class Spade:
     @property
     def device(self) -> torch.device:
         return self.extractor.device
+
+    @property
+    def search_dtype(self) -> torch.dtype | None:
+        """Pixel matching's search dtype: reduced with the backbone's precision, None = fp32."""
+        return match_dtype(self.extractor.precision, self.device)
 
     def preprocess_for(self, frame_shape: tuple[int, ...]) -> Preprocess:
         c = self.config
@@ -324,7 +330,8 @@ class Spade:
         elif maps == "flagged":
             th = bank.thresholds
             tau = th.get("gate_tau", th.get("tau")) if tau is None else tau
-            gate = dn2 if c.gate == "dn2" else coarse_gate_scores(feats.pyramid, bank.pyramid, idx, c.levels[-1])
+            gate = dn2 if c.gate == "dn2" else coarse_gate_scores(feats.pyramid, bank.pyramid, idx, c.levels[-1],
+                                                                  self.search_dtype)
             rows = [] if tau is None else torch.nonzero(gate > tau).flatten().tolist()
         else:
             rows = []
@@ -333,8 +340,8 @@ class Spade:
         if rows:
             sel = torch.tensor(rows, device=dn2.device)
             pyr = {lv: feats.pyramid[lv][sel] for lv in c.levels}
-            out_maps = anomaly_maps(pyr, bank.pyramid, idx[sel, : c.k_pixel], size,
-                                    sigma=c.sigma).cpu().numpy()
+            out_maps = anomaly_maps(pyr, bank.pyramid, idx[sel, : c.k_pixel], size, sigma=c.sigma,
+                                    search_dtype=self.search_dtype).cpu().numpy()
         t2 = time.perf_counter()
         image_scores = dn2.cpu().numpy()
         if c.image_score == "map_max":
