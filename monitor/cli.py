@@ -171,6 +171,12 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
 def _check_name(name: str, what: str) -> None:
     import re
 
@@ -244,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     en = sub.add_parser("engine", help="only the engine (bus.kind: redis)")
     en.add_argument("--config", required=True, type=Path)
     en.set_defaults(func=cmd_engine)
+
+    bn = sub.add_parser("bench", help="throughput, latency and memory on this machine, from a synthetic scene")
+    bn.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    bn.add_argument("--backbone", help="instead of the camera preset's (efficientnet_lite0)")
+    bn.add_argument("--threads", type=int, help="torch threads, bench and engine (default: usable cores - 1, min 1)")
+    bn.add_argument("--json", type=Path, help="also write every figure as JSON")
+    bn.add_argument("--quick", action="store_true", help="a small run for CI smoke tests (about a minute)")
+    bn.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo-scene", help="write a synthetic ShanghaiTech-style scene")
     d.add_argument("--out", required=True, type=Path)
