@@ -15,6 +15,7 @@ from .bank import ReferenceBank, kcenter_greedy, uniform_subsample
 from .errors import ConfigError
 from .features import FeatureExtractor
 from .gate import dn2_scores, knn
+from .gate import prepare as prepare_gate
 from .matcher import anomaly_maps, match_dtype
 from .preprocess import Preprocess
 
@@ -300,6 +301,16 @@ class Spade:
     def bank_preprocess(self, bank: ReferenceBank) -> Preprocess:
         p = bank.meta["preprocess"]
         return Preprocess(size=tuple(p["size"]), resize=p["resize"])
+
+    def warm_up(self, bank: ReferenceBank, batch_size: int) -> None:
+        """Run each kernel once and build the gate's index, so the first frames do not pay for
+        it (about 1 s on a CPU, more for a large bank's index)."""
+        h, w = bank.meta["preprocess"]["size"]
+        self.extractor(torch.zeros(batch_size, 3, h, w, dtype=torch.uint8, device=self.device))
+        prepare_gate(bank.global_feats)
+        one = Features(global_=bank.global_feats[:1].float(),
+                       pyramid={lv: bank.pyramid[lv][:1].float() for lv in self.config.levels})
+        self.score_features(one, bank, maps="all")
 
     def score(self, frames: list[np.ndarray], bank: ReferenceBank, maps: str = "flagged",
               bgr: bool = False, tau: float | None = None, streams: list | None = None,

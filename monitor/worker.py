@@ -142,6 +142,7 @@ class EngineWorker:
         gate_tau = th.get("gate_tau", tau) if scene_cfg.tau is None or probe.config.image_score != "dn2" else tau
         theta = scene_cfg.theta if scene_cfg.theta is not None else th["theta"]
         bank = bank.to(probe.device)
+        probe.warm_up(bank, eng.max_batch)
         built_fps = bank.meta.get("fps")
         if probe.config.temporal_diff > 0 and built_fps is not None:
             for cid, cam in self.config.cameras.items():
