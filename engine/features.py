@@ -48,11 +48,12 @@ class FeatureExtractor:
     """
 
     def __init__(self, backbone: Backbone, levels: tuple[str, ...], device: str = "auto",
-                 precision: str = "auto"):
+                 precision: str = "auto", split_passes: bool = True):
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.levels = tuple(levels)
         self.fast = self.precision != "fp32"
+        self.split_passes = split_passes  # False: one pass per batch (the benchmark's plain baseline)
         self.backbone = backbone.to(self.device)
         if self.fast:
             # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels.
@@ -70,7 +71,9 @@ class FeatureExtractor:
     @torch.inference_mode()
     def __call__(self, batch_uint8: torch.Tensor) -> Features:
         n, _, h, w = batch_uint8.shape
-        step = n if self.device.type != "cpu" else max(1, min(n, CPU_PIXELS_PER_PASS // (h * w)))
+        step = n
+        if self.split_passes and self.device.type == "cpu":
+            step = max(1, min(n, CPU_PIXELS_PER_PASS // (h * w)))
         if step >= n:
             return self._forward(batch_uint8)
         parts = [self._forward(batch_uint8[i : i + step]) for i in range(0, n, step)]

@@ -10,7 +10,8 @@ every GOP frames. Then, on one table:
 
 - backbone: frames/s by batch size in the device's best mode (what FeatureExtractor picks with
   precision 'auto': bf16 autocast + channels_last on CPUs with AVX512-BF16/AMX, fp16 +
-  channels_last on CUDA, else fp32) and in plain fp32 eager mode, on the video's frames;
+  channels_last on CUDA, else fp32; on a CPU, batches split into cache-sized passes) and in plain
+  fp32 eager mode (one pass per batch), on the video's frames;
 - gate: the DN2 kNN (engine.gate.knn, K = the preset's max(k_image, k_pixel)) for a batch of
   engine.max_batch frames against banks of 1k/10k/100k fp16 global features of the backbone's
   dimension, plus the camera preset's coarse gate (its cost does not depend on the bank's size),
@@ -226,7 +227,7 @@ def machine_info(device, threads: int) -> dict:
 
 
 def _mode_name(precision: str) -> str:
-    return "fp32 eager" if precision == "fp32" else f"{precision} + channels_last"
+    return "fp32 eager, one pass per batch" if precision == "fp32" else f"{precision} + channels_last"
 
 
 def decode_video(path: Path) -> list[np.ndarray]:
@@ -365,7 +366,9 @@ def bench_backbone(spade, frames, plan: Plan, device, max_batch: int) -> dict:
     c = spade.config
     prep = spade.preprocess_for(frames[0].shape)
     best = spade.extractor
-    plain = FeatureExtractor(build_backbone(c.backbone, c.weights), c.levels, str(device), "fp32")
+    # The plain baseline: fp32, eager, one pass per batch, as a straightforward implementation runs.
+    plain = FeatureExtractor(build_backbone(c.backbone, c.weights), c.levels, str(device), "fp32",
+                             split_passes=False)
     out = {}
     for name, extractor in (("best", best), ("fp32", plain)):
         fps = {}

@@ -71,3 +71,14 @@ def test_bf16_features_match_fp32_within_tolerance():
     for level in ("s8", "s16"):
         rel = (fast.pyramid[level] - ref.pyramid[level]).norm() / ref.pyramid[level].norm()
         assert rel < 0.08  # documented tolerance for bf16 features
+
+
+def test_cpu_batches_split_into_cache_sized_passes_give_the_same_features():
+    bb = build_backbone("efficientnet_lite0")
+    frames = torch.randint(0, 255, (6, 3, 240, 320), dtype=torch.uint8)  # 6 frames: passes of 4 and 2
+    split = FeatureExtractor(bb, ("s8", "s16"), device="cpu", precision="fp32")(frames)
+    whole = FeatureExtractor(bb, ("s8", "s16"), device="cpu", precision="fp32", split_passes=False)(frames)
+    assert torch.allclose(split.global_, whole.global_, atol=1e-4)
+    for level in ("s8", "s16"):
+        assert split.pyramid[level].shape == whole.pyramid[level].shape
+        assert torch.allclose(split.pyramid[level], whole.pyramid[level], atol=1e-3)
