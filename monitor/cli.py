@@ -122,6 +122,8 @@ def _service_config(args):
     from .runner import setup_logging
 
     config = load_config(args.config)
+    if args.metrics_port is not None:  # e.g. ingest and engine on one host, one config
+        config.metrics.port = args.metrics_port
     import multiprocessing
 
     multiprocessing.current_process().name = args.command  # log tag: run, ingest or engine
@@ -175,6 +177,12 @@ def cmd_bench(args) -> int:
     from .bench import main as bench_main
 
     return bench_main(args)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535, got {text!r}")
+    return int(text)
 
 
 def _check_name(name: str, what: str) -> None:
@@ -250,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     en = sub.add_parser("engine", help="only the engine (bus.kind: redis)")
     en.add_argument("--config", required=True, type=Path)
     en.set_defaults(func=cmd_engine)
+    for p in (rn, ig, en):
+        p.add_argument("--metrics-port", type=_port, metavar="PORT",
+                       help="serve /metrics, /healthz and /readyz on this port instead of metrics.port (0: off)")
 
     bn = sub.add_parser("bench", help="throughput, latency and memory on this machine, from a synthetic scene")
     bn.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")

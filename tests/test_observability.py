@@ -190,9 +190,8 @@ def test_supervised_run_serves_every_process_metrics(scene, scene_bank, redis_se
     """`run` with a Redis bus: one endpoint sums the ingest and engine processes' metrics."""
     port = free_port()
     cams = {"a": camera(scene.test_videos[0], realtime=True, loop=True)}
-    config = write_config(tmp_path / "run.yaml", cams, scene_bank, redis_url=redis_server.url,
-                          metrics={"address": "127.0.0.1", "port": port})
-    monitor = procs(["run", "--config", str(config)], tmp_path / "monitor.log")
+    config = write_config(tmp_path / "run.yaml", cams, scene_bank, redis_url=redis_server.url)  # metrics.port 0
+    monitor = procs(["run", "--config", str(config), "--metrics-port", str(port)], tmp_path / "monitor.log")
     wait_for(lambda: _listening(port), 60, "the metrics endpoint", monitor)
     wait_for(lambda: http_get(f"http://127.0.0.1:{port}/readyz", 1)[0] == 200, 120, "the engine to be ready",
              monitor)
