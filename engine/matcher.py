@@ -3,11 +3,13 @@
 Two paths give the same maps within a documented tolerance:
 
 - exact (fp32): |q|^2 + |g|^2 - 2 q.g as fp32 matrix products, chunked over the gallery.
-- reduced precision (bf16 on CPUs with native bf16 dot products, fp16/bf16 on CUDA): the same
-  expansion as one low-precision matrix product, about 4x faster on such CPUs. It measures
+- reduced precision (bf16 on CPUs with native bf16 dot products and on CUDA GPUs from Ampere on):
+  the same expansion as one bf16 matrix product, about 4x faster on such CPUs. It measures
   distances between the bf16-rounded features exactly (fp32 accumulation), then rounds -d^2
   to bf16: maps move by 0.2% at worst on the demo camera bank (tests bound cells at 2% and
   maps at 0.5%). Centring on the gallery's mean keeps the rounding of the features small.
+  Never fp16, even under fp16 autocast: its range ends at 65504, and the squared distance of
+  an anomalous cell can pass that (it came out NaN).
 
 Frames of a batch with the same K nearest frames (a camera's consecutive frames usually do)
 share one gallery and one matrix product.
@@ -45,7 +47,7 @@ def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
 
 def nearest_cell_distance_lowp(query: torch.Tensor, gallery: torch.Tensor, dtype: torch.dtype,
                                chunk: int = 4096) -> torch.Tensor:
-    """nearest_cell_distance with the search's matrix product in `dtype` (bf16 or fp16).
+    """nearest_cell_distance with the search's matrix product in `dtype` (bf16).
 
     One product gives -d^2 = 2 q.g - |q|^2 - |g|^2 directly, by augmenting q with
     [1, 1, -|q|^2 (hi, lo)] and 2g with [-|g|^2 (hi, lo), 1, 1]; the norms are split in two
@@ -54,6 +56,8 @@ def nearest_cell_distance_lowp(query: torch.Tensor, gallery: torch.Tensor, dtype
     (no argmax: indexed reductions over low-precision outputs cost more than the product).
     Chunks of the gallery keep the product's output in cache for the max.
     """
+    if dtype != torch.bfloat16:
+        raise ValueError(f"the low-precision search needs bf16's range, not {dtype}")
     centre = gallery.mean(0)
     # The norms are those of the rounded vectors, so the product is the distance between the
     # rounded vectors (exact bf16 products, fp32 accumulation): rounding moves a distance by at
@@ -77,8 +81,16 @@ def match_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32":
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if precision == "bf16" else torch.float16
+        # bf16 whatever the autocast dtype (see the module docstring); GPUs before Ampere have no
+        # bf16 matrix units, so they search in fp32.
+        return torch.bfloat16 if _cuda_has_bf16(device) else None
     return torch.bfloat16 if precision == "bf16" else None  # CPU fp16 products are slow
+
+
+def _cuda_has_bf16(device: torch.device) -> bool:
+    if not torch.cuda.is_available():
+        return True  # what a GPU would get; lets a CPU-only machine check the choice
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _gaussian_kernel(sigma: float, radius: int, device: torch.device) -> torch.Tensor:
@@ -109,7 +121,7 @@ def anomaly_maps(query_pyramid: dict[str, torch.Tensor], bank_pyramid: dict[str,
     query_pyramid: level -> (B, C, h, w) fp32; bank_pyramid: level -> (N, C, h, w), any float
     dtype, on any device; neighbours: (B, K) bank indices of each frame's nearest frames.
     Each level's distances are upsampled to out_size, the levels summed, then smoothed.
-    search_dtype: None for the exact fp32 search, else bf16/fp16 (see the module docstring).
+    search_dtype: None for the exact fp32 search, else bf16 (see the module docstring).
     """
     groups: dict[tuple, list[int]] = defaultdict(list)  # frames with the same K nearest frames
     for b, row in enumerate(neighbours.tolist()):

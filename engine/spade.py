@@ -304,10 +304,10 @@ class Spade:
 
     def warm_up(self, bank: ReferenceBank, batch_size: int) -> None:
         """Run each kernel once and build the gate's index, so the first frames do not pay for
-        it (about 1 s on a CPU, more for a large bank's index)."""
-        h, w = bank.meta["preprocess"]["size"]
-        self.extractor(torch.zeros(batch_size, 3, h, w, dtype=torch.uint8, device=self.device))
-        prepare_gate(bank.global_feats)
+        it (about 1 s on a CPU, more for a large bank's index; on CUDA 1-4 s per padded batch
+        size, see cuda_batch_bucket)."""
+        self.extractor.warm_up(batch_size, tuple(bank.meta["preprocess"]["size"]))
+        prepare_gate(bank.global_feats, self.device)  # the index lives where the queries are
         one = Features(global_=bank.global_feats[:1].float(),
                        pyramid={lv: bank.pyramid[lv][:1].float() for lv in self.config.levels})
         self.score_features(one, bank, maps="all")

@@ -54,7 +54,28 @@ def test_separable_smoothing_equals_torchvision_blur():
 
 @pytest.mark.parametrize("precision, device, expected", [
     ("fp32", "cpu", None), ("bf16", "cpu", torch.bfloat16), ("fp16", "cpu", None),
-    ("fp16", "cuda", torch.float16), ("bf16", "cuda", torch.bfloat16), ("fp32", "cuda", None),
+    ("fp16", "cuda", torch.bfloat16), ("bf16", "cuda", torch.bfloat16), ("fp32", "cuda", None),
 ])
 def test_search_dtype_follows_the_model_precision(precision, device, expected):
+    if device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+        expected = None  # no bf16 matrix units before Ampere
     assert match_dtype(precision, torch.device(device)) is expected
+
+
+def test_far_cells_keep_their_distance_in_the_low_precision_search():
+    """An anomalous cell's squared distance can pass fp16's 65504; the search must not overflow."""
+    g = torch.Generator().manual_seed(0)
+    gallery = 3 * torch.randn(500, 112, generator=g)
+    query = 3 * torch.randn(50, 112, generator=g)
+    query[:5] += 30.0  # d^2 near 10^5
+    exact = torch.cdist(query, gallery).min(1).values
+    for precision in ("bf16", "fp16"):
+        for device in ("cpu", "cuda"):
+            dtype = match_dtype(precision, torch.device(device))
+            if dtype is None:
+                continue
+            fast = nearest_cell_distance_lowp(query, gallery, dtype)
+            assert torch.isfinite(fast).all(), (precision, device)
+            assert ((fast - exact).abs() / exact).max() < 0.02, (precision, device)
+    with pytest.raises(ValueError, match="bf16"):
+        nearest_cell_distance_lowp(query, gallery, torch.float16)
