@@ -11,12 +11,13 @@ log = logging.getLogger("spade_monitor")
 
 
 def _model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+    from engine.backbones import available
     from engine.spade import PRESETS
 
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
                    help=f"settings to start from (default: {default_preset})")
-    g.add_argument("--backbone", help="efficientnet_lite0, resnet18 or wide_resnet50_2")
+    g.add_argument("--backbone", help=", ".join(available()) + " (default: the preset's)")
     g.add_argument("--weights", help="backbone weights file (default: packaged or torch hub cache)")
     g.add_argument("--levels", help="pyramid levels, comma-separated, from s4,s8,s16,s32")
     g.add_argument("--k-image", type=int, help="K of the DN2 gate")

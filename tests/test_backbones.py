@@ -7,8 +7,8 @@ from engine.errors import ConfigError, WeightsError
 from engine.features import FeatureExtractor
 
 
-def test_registry_lists_the_three_backbones():
-    assert {"efficientnet_lite0", "resnet18", "wide_resnet50_2"} <= set(available())
+def test_registry_lists_the_backbones():
+    assert {"efficientnet_lite0", "efficientnet_lite2", "resnet18", "wide_resnet50_2"} <= set(available())
 
 
 def test_unknown_backbone_names_the_choices():
@@ -16,24 +16,29 @@ def test_unknown_backbone_names_the_choices():
         build_backbone("vgg99")
 
 
+@pytest.mark.parametrize("name, channels", [
+    ("efficientnet_lite0", {"s4": 24, "s8": 40, "s16": 112, "s32": 320}),
+    ("efficientnet_lite2", {"s4": 24, "s8": 48, "s16": 120, "s32": 352}),
+])
 @pytest.mark.parametrize("size", [(224, 224), (120, 176)])
-def test_efficientnet_lite0_pyramid_shapes(size):
-    bb = build_backbone("efficientnet_lite0")
-    fe = FeatureExtractor(bb, ("s4", "s8", "s16"), device="cpu", precision="fp32")
+def test_efficientnet_lite_pyramid_shapes(name, channels, size):
+    bb = build_backbone(name)
+    assert bb.name == name and bb.level_channels == channels
+    fe = FeatureExtractor(bb, ("s4", "s8", "s16", "s32"), device="cpu", precision="fp32")
     feats = fe(torch.randint(0, 255, (2, 3, *size), dtype=torch.uint8))
     h, w = size
     cells = lambda stride: (-(-h // stride), -(-w // stride))  # TF "same" padding rounds up
     assert feats.global_.shape == (2, 1280)
-    assert feats.pyramid["s4"].shape == (2, 24, *cells(4))
-    assert feats.pyramid["s8"].shape == (2, 40, *cells(8))
-    assert feats.pyramid["s16"].shape == (2, 112, *cells(16))
+    for level, stride in (("s4", 4), ("s8", 8), ("s16", 16), ("s32", 32)):
+        assert feats.pyramid[level].shape == (2, channels[level], *cells(stride))
 
 
-def test_efficientnet_lite0_weights_are_imagenet(shared_data):
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_efficientnet_lite_weights_are_imagenet(shared_data, name):
     """The packaged weights classify a real photo correctly (guards the key mapping)."""
     import cv2
 
-    bb = build_backbone("efficientnet_lite0")
+    bb = build_backbone(name)
     img = cv2.imread(str(shared_data / "imagenet_samples" / "parrot.jpg"))[:, :, ::-1]
     x = torch.from_numpy(cv2.resize(img, (224, 224)).copy()).permute(2, 0, 1)[None].float() / 255
     x = (x - 0.5) / 0.5
