@@ -215,8 +215,13 @@ class EngineMetrics:
     def scene_file_missing(self, name: str, missing: bool) -> None:
         BANK_LOADED.labels(name).set(0 if missing else 1)
 
-    def update(self, bus, device: str) -> None:
+    def beat(self) -> None:
+        """The engine is alive. Also called while it loads banks: until its first beat, the
+        multiprocess view holds only the other processes' zero, and EngineDown would fire."""
         HEARTBEAT.set(time.time())
+
+    def update(self, bus, device: str) -> None:
+        self.beat()
         now = time.monotonic()
         if now < self._next_gauges:
             return

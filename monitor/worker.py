@@ -125,7 +125,9 @@ class EngineWorker:
     # -- scenes ---------------------------------------------------------------------------------
     def load_scenes(self) -> None:
         for name, scene_cfg in self.config.scenes.items():
+            self.metrics.beat()  # a start with large banks can outlast EngineDown's window
             self.scenes[name] = self._load_scene(name, scene_cfg)
+        self.metrics.beat()
 
     def _load_scene(self, name: str, scene_cfg) -> Scene:
         t0 = time.perf_counter()

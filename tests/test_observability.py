@@ -207,3 +207,19 @@ def test_supervised_run_serves_every_process_metrics(scene, scene_bank, redis_se
     redis_server.start()
     code, _ = monitor.stop()
     assert code == 0
+
+
+def test_engine_beats_while_it_loads_its_banks(scene, scene_bank, tmp_path):
+    """EngineDown watches the heartbeat: an engine still loading its banks is not down."""
+    from prometheus_client import REGISTRY
+
+    from monitor.bus import InProcessBus
+    from monitor.config import load_config
+    from monitor.worker import EngineWorker
+
+    config = load_config(write_config(tmp_path / "m.yaml", {"cam": camera(scene.test_videos[0])}, scene_bank))
+    engine = EngineWorker(config, InProcessBus(), publisher=None)
+    before = time.time()
+    engine.load_scenes()
+    beat = REGISTRY.get_sample_value("spade_engine_heartbeat_timestamp_seconds")
+    assert beat is not None and before <= beat <= time.time()
