@@ -70,29 +70,53 @@ class ReferenceBank:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "ReferenceBank":
-        from safetensors import safe_open
+        """Read a bank whole into memory and check it.
+
+        Never memory-mapped: a file overwritten in place while mapped kills the process with
+        SIGBUS. A file that changes while it is read is refused, so a reload only ever swaps
+        in a complete file.
+        """
+        from safetensors.torch import load as load_tensors
 
         path = Path(path)
-        if not path.is_file():
-            raise BankError(f"reference bank not found: {path} (build one with 'spade-monitor reference build')")
+        before = _file_state(path)
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as fh:
-                header = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            data = path.read_bytes()
+            meta = _parse_meta(data, path)
+            tensors = load_tensors(data)
+        except BankError:
+            raise
         except Exception as exc:
             raise BankError(f"reference bank {path} is corrupt or truncated ({exc.__class__.__name__}): rebuild it") from None
+        finally:
+            data = None  # the tensors are copies: free the file's bytes now
+        if _file_state(path) != before:
+            raise BankError(f"reference bank {path} changed while it was being read: it is read again once the "
+                            f"writer is done (replace bank files by rename to avoid this)")
         try:
-            meta = json.loads(header[_META_KEY])
             bank = cls(
                 global_feats=tensors.pop("global"),
                 groups=tensors.pop("groups"),
                 pyramid={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("pyramid.")},
                 meta=meta,
             )
-        except (KeyError, ValueError, IndexError):
-            raise BankError(f"{path} is not a SPADE reference bank (metadata missing): rebuild it") from None
+        except KeyError:
+            raise BankError(f"{path} is not a SPADE reference bank (tensors missing): rebuild it") from None
         bank._validate(path)
-        return bank
+        return bank if str(device) == "cpu" else bank.to(device)
+
+    @staticmethod
+    def read_meta(path: str | Path) -> dict:
+        """The bank's JSON header alone, without reading its tensors."""
+        path = Path(path)
+        _file_state(path)
+        try:
+            with open(path, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                head = fh.read(min(size, _MAX_HEADER_BYTES))
+        except OSError as exc:
+            raise BankError(f"reference bank {path} cannot be read ({exc.strerror}): check its permissions") from None
+        return _parse_meta(size.to_bytes(8, "little") + head, path)
 
     def _validate(self, path: Path) -> None:
         version = self.meta.get("format_version")
@@ -107,14 +131,44 @@ class ReferenceBank:
 
     def check_compatible(self, model_meta: dict, path: str | Path = "bank") -> None:
         """Refuse a bank whose features came from another backbone, weights or input geometry."""
-        defaults = {"temporal_diff": 0.0}  # banks from before temporal features had none
-        for key in ("backbone", "weights_id", "preprocess", "levels", "normalize_global", "temporal_diff"):
+        defaults = {"temporal_diff": 0.0, "motion_weight": 0.0}  # banks from before these features had none
+        for key in ("backbone", "weights_id", "preprocess", "levels", "normalize_global", "temporal_diff",
+                    "motion_weight"):
             ours, theirs = model_meta.get(key, defaults.get(key)), self.meta.get(key, defaults.get(key))
             if ours != theirs:
                 raise BankError(
                     f"reference bank {path} was built with {key}={theirs}, but the model uses "
                     f"{key}={ours}: rebuild the bank with this model, or configure the model to match"
                 )
+
+
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def _file_state(path: Path) -> tuple[int, int]:
+    """(size, mtime in ns) of a bank file; a missing file is one line saying how to make it."""
+    try:
+        st = path.stat()
+    except OSError:
+        st = None
+    if st is None or not path.is_file():
+        raise BankError(f"reference bank not found: {path} (build one with 'spade-monitor reference build')")
+    return st.st_size, st.st_mtime_ns
+
+
+def _parse_meta(data: bytes, path: Path) -> dict:
+    """The bank metadata in a safetensors header (8-byte length, then JSON)."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if size <= 0 or size > _MAX_HEADER_BYTES or len(data) < 8 + size:
+        raise BankError(f"reference bank {path} is corrupt or truncated (no complete header): rebuild it")
+    try:
+        header = json.loads(data[8 : 8 + size])
+        meta = json.loads(header["__metadata__"][_META_KEY])
+    except (ValueError, KeyError, TypeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise BankError(f"{path} is not a SPADE reference bank (metadata missing): rebuild it")
+    return meta
 
 
 def kcenter_greedy(features: torch.Tensor, budget: int, seed: int = 0) -> torch.Tensor:

@@ -13,6 +13,8 @@ import numpy as np
 from . import metrics
 from .calibrate import calibrate
 from .datasets import VideoDataset, find_mvtec_categories, read_image
+from .decision import FrameScorer, Thresholds
+from .progress import Progress
 from .spade import Spade, SpadeConfig
 
 METRIC_SIZE = (256, 256)  # the paper reports every metric at 256x256
@@ -38,16 +40,6 @@ def peak_memory_mb() -> float:
 def to_metric_size(image: np.ndarray, nearest: bool = False) -> np.ndarray:
     interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
     return cv2.resize(image, METRIC_SIZE[::-1], interpolation=interp)
-
-
-def smooth_scores(scores: np.ndarray, window: int) -> np.ndarray:
-    """Causal moving average over `window` frames: what a live camera can compute too."""
-    if window <= 1 or scores.size == 0:
-        return scores
-    csum = np.cumsum(np.concatenate([[0.0], scores]))
-    idx = np.arange(1, scores.size + 1)
-    lo = np.maximum(0, idx - window)
-    return (csum[idx] - csum[lo]) / (idx - lo)
 
 
 # -- MVTec AD layout ----------------------------------------------------------------------------
@@ -91,13 +83,15 @@ def _evaluate_category(spade: Spade, cat, pictures, progress, log) -> dict:
     c = spade.config
     bank = spade.build_bank(((0, read_image(p)) for p in cat.train_paths), [str(cat.root / "train")],
                             total=len(cat.train_paths), progress=progress)
-    thresholds = calibrate(bank, c)
+    thresholds = calibrate(bank, c, progress=progress)
     preprocess = spade.bank_preprocess(bank)
     t_test = time.perf_counter()
     labels, scores, masks, maps, frames = [], [], [], [], []
     samples = cat.test_samples
+    bar = Progress(f"{cat.name}: scoring test images", len(samples), unit="image", enabled=progress)
     for start in range(0, len(samples), c.batch_size):
         chunk = samples[start : start + c.batch_size]
+        bar.update(len(chunk))
         images = [read_image(s.path) for s in chunk]
         res = spade.score(images, bank, maps="all")
         for s, img, score, amap in zip(chunk, images, res.image_scores, res.maps):
@@ -107,6 +101,7 @@ def _evaluate_category(spade: Spade, cat, pictures, progress, log) -> dict:
             maps.append(to_metric_size(amap))
             if pictures:
                 frames.append(cv2.resize(preprocess.frame(img), METRIC_SIZE[::-1]))
+    bar.close()
     test_s = time.perf_counter() - t_test
     masks_a, maps_a = np.stack(masks) > 0, np.stack(maps)
     row = {
@@ -129,67 +124,136 @@ def _evaluate_category(spade: Spade, cat, pictures, progress, log) -> dict:
 
 
 # -- video anomaly datasets ---------------------------------------------------------------------
+@dataclass
+class ClipScores:
+    """One stream's frame scores, every frame matched and as the live engine decides them."""
+
+    matched: np.ndarray  # smoothed image scores with a map for every frame
+    matched_flags: np.ndarray
+    deployed: np.ndarray  # smoothed image scores with the live gate and escalation
+    deployed_flags: np.ndarray
+    escalated: np.ndarray  # the gate let the frame through to pixel matching
+
+
+def score_clip(spade: Spade, bank, thresholds: Thresholds, frames, on_frame=None) -> ClipScores:
+    """Score one stream's frames in order; on_frame(i, frame, map) sees each frame's map.
+
+    Every frame is matched once: the deployed score is the matched one where the gate
+    escalates, and the scene's normal score elsewhere, exactly as engine.decision decides it.
+    """
+    c = spade.config
+    peak = c.image_score == "map_max"
+    matched = FrameScorer(thresholds, c.temporal_window, peak)
+    deployed = FrameScorer(thresholds, c.temporal_window, peak)
+    rows = []
+    for i, (frame, raw, amap, gate) in enumerate(spade.iter_scores(frames, bank, maps="all")):
+        escalated = gate > thresholds.gate_tau
+        rows.append((*matched(None, raw), *deployed(None, raw if escalated or not peak else float("nan")), escalated))
+        if on_frame is not None:
+            on_frame(i, frame, amap)
+    a = np.array(rows, dtype=np.float64).reshape(-1, 5)
+    return ClipScores(a[:, 0], a[:, 1] > 0, a[:, 2], a[:, 3] > 0, a[:, 4] > 0)
+
+
+def frame_figures(per_clip: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
+    """Frame ROC AUC micro, macro and worst clip, and the operating point at tau, from
+    (labels, scores, flags) per clip. Macro and worst count clips that have both classes."""
+    labels = np.concatenate([v[0] for v in per_clip.values()])
+    scores = np.concatenate([v[1] for v in per_clip.values()])
+    per = [metrics.rocauc(y, s) for y, s, _ in per_clip.values()]
+    per = [a for a in per if not np.isnan(a)]
+    return {
+        "frame_rocauc_micro": metrics.rocauc(labels, scores),
+        "frame_rocauc_macro": float(np.mean(per)) if per else float("nan"),
+        "frame_rocauc_worst_clip": float(np.min(per)) if per else float("nan"),
+        "operating_point": metrics.operating_point([(y, f) for y, _, f in per_clip.values()]),
+    }
+
+
 def evaluate_video(root: str | Path, config: SpadeConfig, layout: str | None = None,
-                   pictures: str | Path | None = None, progress: bool = True, log=print) -> Report:
+                   pictures: str | Path | None = None, progress: bool = True, log=print,
+                   clips: list[str] | None = None) -> Report:
+    """Frame and pixel figures per test clip; `clips` keeps only the test clips of those names
+    (e.g. one half of the clips, to report settings chosen on the other half)."""
     data = VideoDataset(root, layout)
     spade = Spade(config)
-    all_labels, all_scores, clip_rows = [], [], {}
-    mask_list, map_list = [], []
-    frames_scored, score_seconds, build_seconds = 0, 0.0, 0.0
+    clip_rows: dict[str, dict] = {}
+    matched, deployed = {}, {}
+    pixel_auc = metrics.StreamingPixelAUC()
+    frames_scored, escalated, score_seconds, build_seconds = 0, 0, 0.0, 0.0
     for scene in data.scenes():
+        test_clips = [c for c in data.test_clips(scene) if clips is None or c.name in clips]
+        if not test_clips:
+            continue
         t0 = time.perf_counter()
         train = data.train_clips(scene)
         sources = [str(c.video_path or c.frame_paths[0].parent) for c in train]
         pairs = ((i, f) for i, clip in enumerate(train) for f in clip.frames())
         bank = spade.build_bank(pairs, sources, total=sum(len(c) for c in train), progress=progress)
-        thresholds = calibrate(bank, config)
+        calibrate(bank, config, progress=progress)
+        thresholds = Thresholds.of_bank(bank, config.image_score)
         build_seconds += time.perf_counter() - t0
         preprocess = spade.bank_preprocess(bank)
-        for clip in data.test_clips(scene):
+        bar = Progress(f"{scene}: scoring test frames", sum(len(c) for c in test_clips), enabled=progress)
+        for clip in test_clips:
             t1 = time.perf_counter()
-            raw, kept_frames, clip_maps = [], [], []
-            for i, (frame, score, amap) in enumerate(spade.iter_scores(clip.frames(), bank, maps="all")):
-                raw.append(score)
+            kept_frames, clip_maps, clip_masks = [], [], []
+
+            def on_frame(i, frame, amap):
+                bar.update()
                 m = clip.mask(i)
-                clip_maps.append(to_metric_size(amap))
-                if m is not None:
-                    mask_list.append(to_metric_size(preprocess.geometry(m, cv2.INTER_NEAREST), nearest=True) > 0)
-                    map_list.append(clip_maps[-1])
+                amap = to_metric_size(amap)
+                mask = (to_metric_size(preprocess.geometry(m, cv2.INTER_NEAREST), nearest=True) > 0
+                        if m is not None else None)
+                if mask is not None:
+                    pixel_auc.add(mask, amap)
                 if pictures:
                     kept_frames.append(cv2.resize(preprocess.frame(frame), METRIC_SIZE[::-1]))
+                    clip_maps.append(amap)
+                    clip_masks.append(mask if mask is not None else np.zeros(METRIC_SIZE, bool))
+
+            res = score_clip(spade, bank, thresholds, clip.frames(), on_frame)
             score_seconds += time.perf_counter() - t1
-            frames_scored += len(raw)
-            scores = smooth_scores(np.asarray(raw, dtype=np.float64), config.temporal_window)
-            labels = np.asarray(clip.labels[: len(scores)])
-            all_labels.append(labels)
-            all_scores.append(scores)
-            clip_rows[f"{scene}/{clip.name}"] = {
-                "frames": int(len(scores)), "anomalous": int(labels.sum()),
-                "frame_rocauc": metrics.rocauc(labels, scores),
+            frames_scored += len(res.matched)
+            escalated += int(res.escalated.sum())
+            labels = np.asarray(clip.labels[: len(res.matched)])
+            name = f"{scene}/{clip.name}"
+            matched[name] = (labels, res.matched, res.matched_flags)
+            deployed[name] = (labels, res.deployed, res.deployed_flags)
+            clip_rows[name] = {
+                "frames": int(len(labels)), "anomalous": int(labels.sum()),
+                "frame_rocauc": metrics.rocauc(labels, res.matched),
+                "frame_rocauc_as_deployed": metrics.rocauc(labels, res.deployed),
+                "escalated": int(res.escalated.sum()),
+                "recall_at_tau": float(res.deployed_flags[labels > 0].mean()) if labels.any() else float("nan"),
+                "false_alarm_rate_at_tau": float(res.deployed_flags[labels == 0].mean()) if (labels == 0).any() else float("nan"),
             }
-            log(f"{scene}/{clip.name}: {len(scores)} frames, frame ROCAUC {clip_rows[f'{scene}/{clip.name}']['frame_rocauc']:.3f}")
+            r = clip_rows[name]
+            log(f"{name}: {len(labels)} frames, frame ROCAUC {r['frame_rocauc']:.3f} "
+                f"(as deployed {r['frame_rocauc_as_deployed']:.3f})")
             if pictures:
                 out = Path(pictures) / _safe(scene)
                 from .visualize import save_score_timeline
 
-                save_score_timeline(out / f"timeline_{_safe(clip.name)}.png", scores, labels=labels,
-                                    threshold=None if config.image_score != "dn2" else thresholds["tau"],
-                                    title=f"{scene} / {clip.name}")
-                masks_clip = np.stack([to_metric_size(preprocess.geometry(clip.mask(i), cv2.INTER_NEAREST), nearest=True) > 0
-                                       if clip.mask(i) is not None else np.zeros(METRIC_SIZE, bool)
-                                       for i in range(len(scores))])
-                _write_cases(out / _safe(clip.name), kept_frames, np.stack(clip_maps), masks_clip, labels,
-                             scores, [f"{i:04d}" for i in range(len(scores))], thresholds)
-    labels_all, scores_all = np.concatenate(all_labels), np.concatenate(all_scores)
-    macro = [r["frame_rocauc"] for r in clip_rows.values() if not np.isnan(r["frame_rocauc"])]
-    pixel = metrics.pixel_rocauc(np.stack(mask_list), np.stack(map_list)) if mask_list else float("nan")
+                save_score_timeline(out / f"timeline_{_safe(clip.name)}.png", res.deployed, labels=labels,
+                                    threshold=thresholds.tau, title=f"{scene} / {clip.name} (as deployed)")
+                _write_cases(out / _safe(clip.name), kept_frames, np.stack(clip_maps), np.stack(clip_masks), labels,
+                             res.matched, [f"{i:04d}" for i in range(len(labels))], bank.thresholds)
+        bar.close()
+    if not clip_rows:
+        from .errors import DataError
+
+        raise DataError(f"no test clip of {root} matches --clips {','.join(clips or [])}")
+    every = frame_figures(matched)
+    as_deployed = frame_figures(deployed)
+    as_deployed["escalated_fraction"] = escalated / max(frames_scored, 1)
     payload = {
         "dataset": "video",
         "layout": data.layout,
         "root": str(root),
-        "frame_rocauc_micro": metrics.rocauc(labels_all, scores_all),
-        "frame_rocauc_macro": float(np.mean(macro)) if macro else float("nan"),
-        "pixel_rocauc": pixel,
+        **every,
+        "pixel_rocauc": pixel_auc.value(),
+        "as_deployed": as_deployed,
         "clips": clip_rows,
         "config": config.as_dict(),
         "precision": spade.extractor.precision,
@@ -198,11 +262,21 @@ def evaluate_video(root: str | Path, config: SpadeConfig, layout: str | None = N
                        "bank_build_seconds": build_seconds, "test_frames": frames_scored},
         "peak_memory_mb": peak_memory_mb(),
     }
-    table = _table(["clip", "frames", "anomalous", "frame ROCAUC"],
-                   [[n, r["frames"], r["anomalous"], r["frame_rocauc"]] for n, r in clip_rows.items()]
-                   + [["micro (pooled)", len(scores_all), int(labels_all.sum()), payload["frame_rocauc_micro"]],
-                      ["macro (per clip)", "", "", payload["frame_rocauc_macro"]],
-                      ["pixel ROCAUC", "", "", pixel]])
+    n_frames = sum(r["frames"] for r in clip_rows.values())
+    n_anom = sum(r["anomalous"] for r in clip_rows.values())
+    table = _table(["clip", "frames", "anomalous", "frame ROCAUC", "as deployed", "recall@tau", "false alarms@tau"],
+                   [[n, r["frames"], r["anomalous"], r["frame_rocauc"], r["frame_rocauc_as_deployed"],
+                     r["recall_at_tau"], r["false_alarm_rate_at_tau"]] for n, r in clip_rows.items()]
+                   + [["micro (pooled)", n_frames, n_anom, every["frame_rocauc_micro"], as_deployed["frame_rocauc_micro"],
+                        as_deployed["operating_point"]["recall"], as_deployed["operating_point"]["false_alarm_rate"]],
+                      ["macro (per clip)", "", "", every["frame_rocauc_macro"], as_deployed["frame_rocauc_macro"], "", ""],
+                      ["worst clip", "", "", every["frame_rocauc_worst_clip"], as_deployed["frame_rocauc_worst_clip"], "", ""],
+                      ["pixel ROCAUC", "", "", payload["pixel_rocauc"], "", "", ""]])
+    op = as_deployed["operating_point"]
+    table += (f"\nas deployed at tau {thresholds.tau:.4g}: {op['recall']:.1%} of anomalous frames flagged, "
+              f"{op['false_alarm_rate']:.1%} of normal frames; {op['stretches_flagged']}/{op['stretches_total']} "
+              f"anomalous stretches flagged, median {op['median_frames_to_flag']} frames after their start; "
+              f"{as_deployed['escalated_fraction']:.0%} of frames escalated")
     return Report(payload, table)
 
 

@@ -222,3 +222,80 @@ def _as_stacks(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarra
 
 def _has_both_classes(y_true: np.ndarray) -> bool:
     return bool(y_true.any()) and not bool(y_true.all())
+
+
+class StreamingPixelAUC:
+    """Pixel ROC AUC accumulated image by image in constant memory.
+
+    Each score is counted in a bin of its float16 value (an order-preserving key of its bits),
+    so the AUC is exact up to float16 resolution (3 significant digits, ties within a bin count
+    half) instead of needing every pixel of every frame at once.
+    """
+
+    _BINS = 1 << 16
+
+    def __init__(self):
+        self._pos = np.zeros(self._BINS, dtype=np.int64)
+        self._neg = np.zeros(self._BINS, dtype=np.int64)
+
+    @staticmethod
+    def _keys(scores: np.ndarray) -> np.ndarray:
+        bits = np.asarray(scores, dtype=np.float16).reshape(-1).view(np.uint16)
+        negative = bits >= 0x8000
+        return np.where(negative, 0xFFFF - bits, bits + 0x8000).astype(np.int64)
+
+    def add(self, mask: ArrayLike, scores: ArrayLike) -> None:
+        y = (np.asarray(mask) > 0).reshape(-1)
+        keys = self._keys(np.asarray(scores))
+        if keys.size != y.size:
+            raise ValueError(f"mask has {y.size} pixels but the map has {keys.size}")
+        self._pos += np.bincount(keys[y], minlength=self._BINS)
+        self._neg += np.bincount(keys[~y], minlength=self._BINS)
+
+    def value(self) -> float:
+        """ROC AUC, or nan when every pixel so far has the same label."""
+        n_pos, n_neg = self._pos.sum(), self._neg.sum()
+        if n_pos == 0 or n_neg == 0:
+            return float("nan")
+        neg_below = np.cumsum(self._neg) - self._neg  # negatives in strictly lower bins
+        wins = (self._pos * (neg_below + 0.5 * self._neg)).sum()
+        return float(wins / (n_pos * n_neg))
+
+
+def stretches(labels: ArrayLike) -> list[tuple[int, int]]:
+    """(start, end) index pairs, end exclusive, of the runs of anomalous items."""
+    y = np.concatenate([[0], (np.asarray(labels).reshape(-1) > 0).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(y))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def operating_point(clips: list[tuple[ArrayLike, ArrayLike]]) -> dict:
+    """What an operator sees at a fixed threshold, from (labels, flags) per clip.
+
+    recall: anomalous frames flagged; false_alarm_rate: normal frames flagged; a stretch (a run
+    of anomalous frames) counts as flagged when any of its frames is, after
+    frames_to_flag = index of its first flagged frame from the stretch's start.
+    """
+    tp = fp = pos = neg = 0
+    delays: list[int] = []
+    total = 0
+    for labels, flags in clips:
+        y = np.asarray(labels).reshape(-1) > 0
+        f = np.asarray(flags).reshape(-1).astype(bool)
+        tp += int((y & f).sum())
+        fp += int((~y & f).sum())
+        pos += int(y.sum())
+        neg += int((~y).sum())
+        for start, end in stretches(y):
+            total += 1
+            hit = np.flatnonzero(f[start:end])
+            if hit.size:
+                delays.append(int(hit[0]))
+    return {
+        "recall": tp / pos if pos else float("nan"),
+        "false_alarm_rate": fp / neg if neg else float("nan"),
+        "stretches_flagged": len(delays),
+        "stretches_total": total,
+        "median_frames_to_flag": float(np.median(delays)) if delays else float("nan"),
+        "max_frames_to_flag": int(max(delays)) if delays else None,
+    }

@@ -45,7 +45,7 @@ def build_reference(spade: Spade, sources: list[str | Path], scene: str,
                             progress=progress)
     bank.meta["scene"] = scene
     bank.meta["fps"] = fps if fps is not None else _common_video_rate(groups)
-    calibrate(bank, spade.config)
+    calibrate(bank, spade.config, progress=progress)
     return bank
 
 

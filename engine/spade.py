@@ -12,12 +12,15 @@ import torch.nn.functional as F
 
 from .backbones import Features, build_backbone
 from .bank import ReferenceBank, kcenter_greedy, uniform_subsample
+from .decision import Thresholds
 from .errors import ConfigError
 from .features import FeatureExtractor
 from .gate import dn2_scores, knn
 from .gate import prepare as prepare_gate
 from .matcher import anomaly_maps, match_dtype
+from .motion import FlowEstimator, grey_frames, motion_channels, stream_flows
 from .preprocess import Preprocess
+from .progress import Progress
 
 
 @dataclass
@@ -40,6 +43,8 @@ class SpadeConfig:
     # Weight of each pyramid cell's change since the stream's previous frame, appended to its
     # features: speed tells a cyclist from a walker where appearance alone does not.
     temporal_diff: float = 0.0
+    # Weight of each cell's optical-flow velocity (pixels per sampled frame), appended likewise.
+    motion_weight: float = 0.0
     image_quantile: float = 0.99  # tau = this quantile of held-out normal image scores
     gate_quantile: float = 0.9  # gate_tau for map_max scoring: gate-score quantile that escalates
     # "dn2": global-feature kNN; "coarse": peak of the deepest level's cell distances to the
@@ -93,7 +98,8 @@ PRESETS: dict[str, SpadeConfig] = {
                              normalize_global=False, image_score="dn2"),
     # Fixed cameras: native resolution, frame score = peak of the map, smoothed over frames.
     "camera": SpadeConfig(geometry="full", levels=("s8", "s16"), k_image=10, k_pixel=10,
-                          image_score="map_max", temporal_window=5, temporal_diff=1.0, gate="coarse"),
+                          image_score="map_max", temporal_window=5, temporal_diff=1.0, motion_weight=0.0,
+                          gate="coarse"),
     # Inspection images (MVTec layout): the paper's crop, deeper levels for large diffuse defects,
     # image score = peak of the map.
     "inspection": SpadeConfig(geometry="crop", levels=("s8", "s16", "s32"), k_image=10, k_pixel=10,
@@ -115,6 +121,7 @@ class ScoreResult:
     neighbours: np.ndarray  # (B, K) bank indices, nearest first
     maps: np.ndarray | None = None  # (B, H, W) at the model input size, None where not computed
     map_rows: list[int] = field(default_factory=list)  # which frames of the batch have maps
+    gate_scores: np.ndarray | None = None  # (B,) what the gate compares with gate_tau
     gate_seconds: float = 0.0  # kNN and gate, for the service's stage metrics
     match_seconds: float = 0.0  # pixel matching of the escalated frames
 
@@ -131,6 +138,56 @@ def coarse_gate_scores(query_pyramid: dict, bank_pyramid: dict, neighbours: torc
     return maps.flatten(1).max(1).values
 
 
+def score_features(config: SpadeConfig, feats: Features, bank: ReferenceBank, maps: str = "flagged",
+                   tau: float | None = None, search_dtype: torch.dtype | None = None,
+                   candidates: torch.Tensor | None = None) -> ScoreResult:
+    """kNN, gate and pixel matching of a batch's features against a bank: the one scoring chain
+    of evaluate, calibration and the live engine.
+
+    maps: "all" computes anomaly maps for every frame, "flagged" only for frames whose gate
+    score exceeds tau (default: the bank's calibrated gate_tau), "none" for none. With
+    image_score="map_max", image_scores hold the map peak where a map was computed and NaN
+    elsewhere (an unescalated frame is below the gate, hence normal; engine.decision scores it).
+    candidates restricts the reference frames searched (calibration's held-out folds).
+    """
+    c = config
+    size = tuple(bank.meta["preprocess"]["size"])
+    t0 = time.perf_counter()
+    gallery = bank.global_feats if candidates is None else bank.global_feats[candidates]
+    k = min(max(c.k_image, c.k_pixel), gallery.shape[0])
+    d2, idx = knn(feats.global_, gallery, k)
+    if candidates is not None:
+        idx = candidates.to(idx.device)[idx]
+    dn2 = d2[:, : c.k_image].mean(1)
+    batch = dn2.shape[0]
+    gate = dn2 if c.gate == "dn2" else coarse_gate_scores(feats.pyramid, bank.pyramid, idx, c.levels[-1],
+                                                          search_dtype)
+    if maps == "all":
+        rows = list(range(batch))
+    elif maps == "flagged":
+        if tau is None:
+            tau = Thresholds.of_bank(bank, c.image_score).gate_tau
+        rows = torch.nonzero(gate > tau).flatten().tolist()
+    else:
+        rows = []
+    out_maps = None
+    t1 = time.perf_counter()
+    if rows:
+        sel = torch.tensor(rows, device=dn2.device)
+        pyr = {lv: feats.pyramid[lv][sel].float() for lv in c.levels}
+        out_maps = anomaly_maps(pyr, bank.pyramid, idx[sel, : c.k_pixel], size, sigma=c.sigma,
+                                search_dtype=search_dtype).cpu().numpy()
+    t2 = time.perf_counter()
+    image_scores = dn2.cpu().numpy()
+    if c.image_score == "map_max":
+        image_scores = np.full(batch, np.nan, dtype=np.float32)
+        if rows:
+            image_scores[rows] = out_maps.reshape(len(rows), -1).max(1)
+    return ScoreResult(image_scores=image_scores, dn2_scores=dn2.cpu().numpy(),
+                       neighbours=idx.cpu().numpy(), maps=out_maps, map_rows=rows,
+                       gate_scores=gate.float().cpu().numpy(), gate_seconds=t1 - t0, match_seconds=t2 - t1)
+
+
 class Spade:
     """The SPADE model: one backbone plus the settings; a bank supplies each scene's data."""
 
@@ -142,6 +199,7 @@ class Spade:
             extractor = FeatureExtractor(backbone, config.levels, config.device, config.precision)
         self.extractor = extractor
         self.backbone = extractor.backbone
+        self._flow: FlowEstimator | None = None  # built on first use: only motion configs need it
 
     @property
     def device(self) -> torch.device:
@@ -184,6 +242,7 @@ class Spade:
             "levels": list(c.levels),
             "normalize_global": c.normalize_global,
             "temporal_diff": c.temporal_diff,
+            "motion_weight": c.motion_weight,
         }
 
     # -- features -------------------------------------------------------------------------------
@@ -195,13 +254,30 @@ class Spade:
         to the raw pyramid of its last frame and is updated here. Without a previous frame
         (the first of a stream) a frame's change is zero.
         """
-        feats = self.extractor(preprocess.batch(frames, bgr=bgr))
+        batch = preprocess.batch(frames, bgr=bgr)
+        feats = self.extractor(batch)
         if self.config.normalize_global:
             feats.global_ = F.normalize(feats.global_, dim=1)
+        streams = streams or [None] * len(frames)
+        context = {} if context is None else context
         if self.config.temporal_diff > 0:
-            feats.pyramid = self._with_change(feats.pyramid, streams or [None] * len(frames),
-                                              {} if context is None else context)
+            feats.pyramid = self._with_change(feats.pyramid, streams, context)
+        if self.config.motion_weight > 0:
+            feats.pyramid = self._with_motion(feats.pyramid, batch, streams, context)
         return feats
+
+    def _with_motion(self, pyramid: dict[str, torch.Tensor], batch: torch.Tensor, streams: list,
+                     context: dict) -> dict:
+        if self._flow is None:
+            self._flow = FlowEstimator()
+        previous = {key: state["grey"] for key, state in context.items() if "grey" in state}
+        flows = stream_flows(grey_frames(batch), streams, previous, self._flow)
+        for key, grey in previous.items():
+            if key is not None:
+                context.setdefault(key, {})["grey"] = grey
+        return {level: torch.cat([cur, motion_channels(flows, tuple(cur.shape[2:]), self.config.motion_weight,
+                                                       cur.device)], dim=1)
+                for level, cur in pyramid.items()}
 
     def _with_change(self, pyramid: dict[str, torch.Tensor], streams: list, context: dict) -> dict:
         w = self.config.temporal_diff
@@ -216,12 +292,12 @@ class Spade:
             for i, key in enumerate(streams):
                 if prev_index[i] >= 0:
                     prev[i] = cur[prev_index[i]]
-                elif key in context:
+                elif level in context.get(key, {}):
                     prev[i] = context[key][level].to(cur.device)
             out[level] = torch.cat([cur, w * (cur - prev)], dim=1)
         for key, i in last_in_batch.items():
             if key is not None:
-                context[key] = {level: cur[i].clone() for level, cur in pyramid.items()}
+                context.setdefault(key, {}).update({level: cur[i].clone() for level, cur in pyramid.items()})
         return out
 
     # -- reference banks ------------------------------------------------------------------------
@@ -232,8 +308,6 @@ class Spade:
         Memory stays within about twice max_frames: whenever the store reaches that, it is
         reduced to max_frames with the configured subsampling.
         """
-        from tqdm import tqdm
-
         c = self.config
         preprocess = None
         store_g, store_p, store_grp = [], {lv: [] for lv in c.levels}, []
@@ -260,7 +334,7 @@ class Spade:
                 store_p[lv][:] = [torch.cat(store_p[lv])[keep]]
             store_grp[:] = [store_grp[i] for i in keep.tolist()]
 
-        bar = tqdm(total=total, desc="reference frames", unit="frame", disable=not progress, leave=False)
+        bar = Progress("reference frames", total, enabled=progress)
         for group, frame in frames:
             if preprocess is None:
                 preprocess = self.preprocess_for(frame.shape)
@@ -321,51 +395,15 @@ class Spade:
 
     def score_features(self, feats, bank: ReferenceBank, maps: str = "flagged",
                        tau: float | None = None) -> ScoreResult:
-        """Gate, then pixel matching for the frames that need it.
+        """Gate, then pixel matching for the frames that need it (see score_features below).
 
-        maps: "all" computes anomaly maps for every frame, "flagged" only for frames whose DN2
-        score exceeds tau (the gate; default: the bank's calibrated gate_tau), "none" for none.
-        With image_score="map_max", image_scores hold the map peak where a map was computed
-        and NaN elsewhere (an unescalated frame is below the gate, hence normal).
         Features of several scenes can share one backbone pass: slice them per scene.
         """
-        c = self.config
-        size = tuple(bank.meta["preprocess"]["size"])
-        k = max(c.k_image, c.k_pixel)
-        t0 = time.perf_counter()
-        d2, idx = knn(feats.global_, bank.global_feats, k)
-        dn2 = d2[:, : c.k_image].mean(1)
-        batch = dn2.shape[0]
-        if maps == "all":
-            rows = list(range(batch))
-        elif maps == "flagged":
-            th = bank.thresholds
-            tau = th.get("gate_tau", th.get("tau")) if tau is None else tau
-            gate = dn2 if c.gate == "dn2" else coarse_gate_scores(feats.pyramid, bank.pyramid, idx, c.levels[-1],
-                                                                  self.search_dtype)
-            rows = [] if tau is None else torch.nonzero(gate > tau).flatten().tolist()
-        else:
-            rows = []
-        out_maps = None
-        t1 = time.perf_counter()
-        if rows:
-            sel = torch.tensor(rows, device=dn2.device)
-            pyr = {lv: feats.pyramid[lv][sel] for lv in c.levels}
-            out_maps = anomaly_maps(pyr, bank.pyramid, idx[sel, : c.k_pixel], size, sigma=c.sigma,
-                                    search_dtype=self.search_dtype).cpu().numpy()
-        t2 = time.perf_counter()
-        image_scores = dn2.cpu().numpy()
-        if c.image_score == "map_max":
-            image_scores = np.full(batch, np.nan, dtype=np.float32)
-            if rows:
-                image_scores[rows] = out_maps.reshape(len(rows), -1).max(1)
-        return ScoreResult(image_scores=image_scores, dn2_scores=dn2.cpu().numpy(),
-                           neighbours=idx.cpu().numpy(), maps=out_maps, map_rows=rows,
-                           gate_seconds=t1 - t0, match_seconds=t2 - t1)
+        return score_features(self.config, feats, bank, maps=maps, tau=tau, search_dtype=self.search_dtype)
 
     def iter_scores(self, frames: Iterable[np.ndarray], bank: ReferenceBank, maps: str = "all",
-                    bgr: bool = False) -> Iterator[tuple[np.ndarray, float, np.ndarray | None]]:
-        """(frame, image score, map or None) for each frame of one stream, batched internally."""
+                    bgr: bool = False) -> Iterator[tuple[np.ndarray, float, np.ndarray | None, float]]:
+        """(frame, raw image score, map or None, gate score) for each frame of one stream."""
         batch: list[np.ndarray] = []
         context: dict = {}
 
@@ -373,7 +411,7 @@ class Spade:
             res = self.score(batch, bank, maps=maps, bgr=bgr, streams=[0] * len(batch), context=context)
             map_of = dict(zip(res.map_rows, res.maps if res.maps is not None else []))
             for i, f in enumerate(batch):
-                yield f, float(res.image_scores[i]), map_of.get(i)
+                yield f, float(res.image_scores[i]), map_of.get(i), float(res.gate_scores[i])
             batch.clear()
 
         for frame in frames:

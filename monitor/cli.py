@@ -11,23 +11,30 @@ log = logging.getLogger("spade_monitor")
 
 
 def _model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
-    from engine.backbones import available
-    from engine.spade import PRESETS
+    from engine.names import BACKBONE_NAMES, PRECISIONS, PRESET_NAMES  # torch-free: --help stays fast
 
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
+    g.add_argument("--preset", default=default_preset, choices=PRESET_NAMES,
                    help=f"settings to start from (default: {default_preset})")
-    g.add_argument("--backbone", help=", ".join(available()) + " (default: the preset's)")
+    g.add_argument("--backbone", help=", ".join(BACKBONE_NAMES) + " (default: the preset's)")
     g.add_argument("--weights", help="backbone weights file (default: packaged or torch hub cache)")
-    g.add_argument("--levels", help="pyramid levels, comma-separated, from s4,s8,s16,s32")
-    g.add_argument("--k-image", type=int, help="K of the DN2 gate")
-    g.add_argument("--k-pixel", type=int, help="K nearest frames searched by pixel matching")
-    g.add_argument("--frame-size", help="HxW full-frame model input (default: native)")
-    g.add_argument("--max-frames", type=int, help="reference frames kept per bank")
-    g.add_argument("--subsample", choices=["uniform", "kcenter"])
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--levels", help="pyramid levels, comma-separated, from s4,s8,s16,s32 (default: the preset's)")
+    g.add_argument("--k-image", type=int, help="K of the DN2 gate (default: the preset's)")
+    g.add_argument("--k-pixel", type=int, help="K nearest frames searched by pixel matching (default: the preset's)")
+    g.add_argument("--motion-weight", type=float, metavar="W",
+                   help="weight of each cell's optical-flow velocity in its features, 0 = off (default: the preset's)")
+    g.add_argument("--frame-size", help="HxW full-frame model input (default: the preset's; camera: native size)")
+    g.add_argument("--max-frames", type=int, help="reference frames kept per bank (default: 5000)")
+    g.add_argument("--subsample", choices=["uniform", "kcenter"],
+                   help="how --max-frames reduces the bank: uniform, or a k-center coreset that keeps "
+                        "rare normal frames (default: uniform)")
+    g.add_argument("--batch-size", type=int, help="frames per backbone pass (default: 16)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS, help=_PRECISION_HELP)
+
+
+_PRECISION_HELP = ("backbone arithmetic; auto: bf16 on CPUs with native bf16, fp16 on CUDA, else fp32 "
+                   "(default: auto)")
 
 
 def _config_from(args):
@@ -46,7 +53,7 @@ def _config_from(args):
         levels=tuple(args.levels.split(",")) if args.levels else None,
         k_image=args.k_image, k_pixel=args.k_pixel, frame_size=frame_size,
         max_frames=args.max_frames, subsample=args.subsample, batch_size=args.batch_size,
-        device=args.device, precision=args.precision,
+        device=args.device, precision=args.precision, motion_weight=args.motion_weight,
     )
 
 
@@ -54,13 +61,14 @@ def cmd_evaluate(args) -> int:
     from engine.evaluate import evaluate_mvtec, evaluate_video
 
     config = _config_from(args)
-    progress = not args.quiet and sys.stderr.isatty()
+    progress = not args.quiet  # a bar on a terminal, else log lines (engine.progress)
     if args.kind == "mvtec":
         report = evaluate_mvtec(args.root, config, category=args.category, pictures=args.pictures,
                                 progress=progress, log=log.info)
     else:
+        clips = [c.strip() for c in args.clips.split(",") if c.strip()] if args.clips else None
         report = evaluate_video(args.root, config, layout=args.layout, pictures=args.pictures,
-                                progress=progress, log=log.info)
+                                progress=progress, log=log.info, clips=clips)
     print(report.table)
     p = report.payload
     print(f"precision {p['precision']} on {p['device']}, peak memory {p['peak_memory_mb']:.0f} MiB")
@@ -169,7 +177,7 @@ def cmd_replay(args) -> int:
     with stop_on_signals() as stop:
         summary = replay(args.video, args.reference, args.out, fps=args.fps, realtime=args.realtime,
                          escalate=args.escalate, device=args.device, precision=args.precision,
-                         progress=not args.quiet and sys.stderr.isatty(), overwrite=args.overwrite, stop=stop)
+                         progress=not args.quiet, overwrite=args.overwrite, stop=stop)
     print(summary.line(args.video))
     return 0
 
@@ -195,7 +203,12 @@ def _check_name(name: str, what: str) -> None:
         raise ConfigError(f"{what} '{name}': use 1-64 letters, digits, '_', '-' or '.'")
 
 
+_CONFIG_HELP = "service YAML file (see configs/example.yaml)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from engine.names import PRECISIONS
+
     parser = argparse.ArgumentParser(prog="spade-monitor", description=__doc__)
     parser.add_argument("--log-json", action="store_true", help="log as JSON lines")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -208,8 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--category", help="evaluate only this category")
     _model_args(mv, "inspection")
     vd = ev_sub.add_parser("video", help="frame ROCAUC (micro, macro) and pixel ROCAUC")
-    vd.add_argument("--root", required=True, type=Path)
+    vd.add_argument("--root", required=True, type=Path,
+                    help="dataset root in the Ped2 or ShanghaiTech Campus layout")
     vd.add_argument("--layout", choices=["ped2", "shanghaitech"], help="detected when omitted")
+    vd.add_argument("--clips", metavar="NAMES",
+                    help="only these test clips, comma-separated (e.g. 04,05,06: report settings chosen on "
+                         "the other clips)")
     _model_args(vd, "camera")
     for p in (mv, vd):
         p.add_argument("--json", type=Path, help="write the results as JSON")
@@ -219,52 +236,56 @@ def build_parser() -> argparse.ArgumentParser:
     ref = sub.add_parser("reference", help="build and manage per-scene reference banks")
     ref_sub = ref.add_subparsers(dest="action", required=True)
     b = ref_sub.add_parser("build", help="build and calibrate a bank from normal frames")
-    b.add_argument("--scene", required=True)
+    b.add_argument("--scene", required=True,
+                   help="scene name recorded in the bank (1-64 letters, digits, '_', '-', '.')")
     b.add_argument("--source", required=True, action="append", help="folder of frames/images or a video (repeatable)")
-    b.add_argument("--out", required=True, type=Path)
+    b.add_argument("--out", required=True, type=Path, help="bank file to write, e.g. banks/plaza.bank")
     b.add_argument("--fps", type=float, help="sample video sources at the camera's sampling rate "
                                              "(needed for the camera preset's temporal features)")
     _model_args(b, "camera")
     b.set_defaults(func=cmd_reference_build)
     c = ref_sub.add_parser("calibrate", help="recompute tau and theta of a bank")
-    c.add_argument("bank", type=Path)
-    c.add_argument("--image-quantile", type=float)
-    c.add_argument("--pixel-quantile", type=float)
+    c.add_argument("bank", type=Path, help="reference bank file, updated in place")
+    c.add_argument("--image-quantile", type=float,
+                   help="tau = this quantile of held-out normal image scores (default: the bank's preset's, 0.99)")
+    c.add_argument("--pixel-quantile", type=float,
+                   help="theta = this quantile of held-out normal pixel scores (default: the bank's preset's, 0.999)")
     c.set_defaults(func=cmd_reference_calibrate)
     i = ref_sub.add_parser("info", help="print a bank's metadata")
-    i.add_argument("bank", type=Path)
+    i.add_argument("bank", type=Path, help="reference bank file")
     i.set_defaults(func=cmd_reference_info)
 
     rp = sub.add_parser("replay", help="one video through the whole pipeline, no Redis: results, events, "
                                        "overlays and a score timeline in a folder")
-    rp.add_argument("video", type=Path)
+    rp.add_argument("video", type=Path, help="video file to replay (mp4, avi, ...)")
     rp.add_argument("--reference", required=True, type=Path, help="the scene's reference bank")
-    rp.add_argument("--out", required=True, type=Path, help="output folder")
+    rp.add_argument("--out", required=True, type=Path,
+                    help="output folder (results.jsonl, events.jsonl, status.jsonl, overlays, timeline)")
     rp.add_argument("--fps", type=float, help="frames sampled per second (default: every frame)")
     rp.add_argument("--realtime", action="store_true", help="pace by the video's timestamps, like a camera")
     rp.add_argument("--escalate", default="flagged", choices=["flagged", "all", "none"],
                     help="which frames get a pixel anomaly map (default: flagged)")
-    rp.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    rp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    rp.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    rp.add_argument("--precision", default="auto", choices=PRECISIONS, help=_PRECISION_HELP)
     rp.add_argument("--overwrite", action="store_true", help="replace the results of an earlier replay in --out")
     rp.set_defaults(func=cmd_replay)
 
     rn = sub.add_parser("run", help="the monitor: ingest workers and the engine, supervised")
-    rn.add_argument("--config", required=True, type=Path)
+    rn.add_argument("--config", required=True, type=Path, help=_CONFIG_HELP)
     rn.set_defaults(func=cmd_run)
     ig = sub.add_parser("ingest", help="only the ingest workers (bus.kind: redis)")
-    ig.add_argument("--config", required=True, type=Path)
+    ig.add_argument("--config", required=True, type=Path, help=_CONFIG_HELP)
     ig.add_argument("--camera", action="append", metavar="ID", help="only this camera (repeatable)")
     ig.set_defaults(func=cmd_ingest)
     en = sub.add_parser("engine", help="only the engine (bus.kind: redis)")
-    en.add_argument("--config", required=True, type=Path)
+    en.add_argument("--config", required=True, type=Path, help=_CONFIG_HELP)
     en.set_defaults(func=cmd_engine)
     for p in (rn, ig, en):
         p.add_argument("--metrics-port", type=_port, metavar="PORT",
                        help="serve /metrics, /healthz and /readyz on this port instead of metrics.port (0: off)")
 
     bn = sub.add_parser("bench", help="throughput, latency and memory on this machine, from a synthetic scene")
-    bn.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    bn.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     bn.add_argument("--backbone", help="instead of the camera preset's (efficientnet_lite0)")
     bn.add_argument("--threads", type=int, help="torch threads, bench and engine (default: usable cores - 1, min 1)")
     bn.add_argument("--json", type=Path, help="also write every figure as JSON")
@@ -272,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo-scene", help="write a synthetic ShanghaiTech-style scene")
-    d.add_argument("--out", required=True, type=Path)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", required=True, type=Path, help="folder to write the scene into, e.g. runs/demo")
+    d.add_argument("--seed", type=int, default=0, help="random seed of the scene (default: 0)")
     d.set_defaults(func=cmd_demo_scene)
     return parser
 

@@ -14,9 +14,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.bank import ReferenceBank
 from engine.errors import BankError, DataError
 
 from .config import parse_config
+from .frames import NAME_RE
 from .runner import run_local
 
 
@@ -44,20 +46,53 @@ def camera_name_for(video: Path) -> str:
     return name or "video"
 
 
+def scene_name_for(meta: dict) -> str:
+    """The bank's scene, for results; 'replay' when it has none safe in keys and paths."""
+    scene = meta.get("scene")
+    if isinstance(scene, str) and NAME_RE.match(scene) and ".." not in scene:
+        return scene
+    return "replay"
+
+
 _OUTPUTS = ("results.jsonl", "events.jsonl", "status.jsonl")
+_KEPT = ("results.jsonl", "events.jsonl")  # what makes an earlier run worth protecting
+
+
+def _has_lines(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    earlier = [name for name in _OUTPUTS if (out_dir / name).exists()]
+    earlier = [name for name in _KEPT if _has_lines(out_dir / name)]
     if earlier and not overwrite:
         raise DataError(f"{out_dir} already holds {earlier[0]} from an earlier run; choose another --out "
                         f"or pass --overwrite")
-    if overwrite and out_dir.is_dir():
+    if out_dir.is_dir():
+        # No earlier results: what is left (empty files, a failed run's status) is worth nothing.
         for name in _OUTPUTS:
             (out_dir / name).unlink(missing_ok=True)
+    if overwrite and out_dir.is_dir():
         for png in out_dir.glob("timeline_*.png"):
             png.unlink()
         shutil.rmtree(out_dir / "overlays", ignore_errors=True)
+
+
+def _discard_if_empty(out_dir: Path, created: bool) -> None:
+    """After a failed run: remove its outputs if it produced no result, so the next run is not refused."""
+    if _has_lines(out_dir / "results.jsonl"):
+        return  # partial results are kept for inspection
+    paths = [out_dir / name for name in _OUTPUTS] + [out_dir / "overlays"] + ([out_dir] if created else [])
+    for path in paths:
+        try:  # best effort: the run's own error is what the user must see
+            if path.is_dir():
+                path.rmdir()  # only if empty
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def replay(video: str | Path, bank: str | Path, out_dir: str | Path, *, fps: float | None = None,
@@ -72,24 +107,30 @@ def replay(video: str | Path, bank: str | Path, out_dir: str | Path, *, fps: flo
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise DataError(f"--fps: expected a number > 0, got {fps}")
     camera = camera or camera_name_for(video)
+    scene = scene_name_for(ReferenceBank.read_meta(bank))  # the header only: tensors load once, in the engine
     _prepare_out_dir(out_dir, overwrite)
     config = parse_config({
-        "cameras": {camera: {"source": str(video.resolve()), "scene": "replay", "fps": fps,
+        "cameras": {camera: {"source": str(video.resolve()), "scene": scene, "fps": fps,
                              "mode": "replay", "realtime": realtime}},
-        "scenes": {"replay": {"bank": str(bank.resolve())}},
+        "scenes": {scene: {"bank": str(bank.resolve())}},
         "engine": {"device": device, "precision": precision, "max_batch": max_batch, "escalate": escalate},
         "bus": {"kind": "inprocess"},
         "outputs": {"dir": str(out_dir.resolve())},
         "metrics": {"port": 0},
     }, base_dir=Path.cwd(), check_files=True)
+    created = not out_dir.exists()
     bar = _progress(video, fps, progress)
     try:
-        run = run_local(config, stop or threading.Event(), on_frames=bar.update)
-    finally:
-        bar.close()
-    failed = run.ingest.failed_cameras()
-    if camera in failed:
-        raise DataError(f"cannot replay {video}: {failed[camera]}")
+        try:
+            run = run_local(config, stop or threading.Event(), on_frames=bar.update)
+        finally:
+            bar.close()
+        failed = run.ingest.failed_cameras()
+        if camera in failed:
+            raise DataError(f"cannot replay {video}: {failed[camera]}")
+    except BaseException:
+        _discard_if_empty(out_dir, created)
+        raise
     s = run.engine.stats
     return ReplaySummary(camera=camera, frames=s.frames, flagged=s.flagged, escalated=s.escalated,
                          events=s.events_started, seconds=run.seconds, out_dir=out_dir)
@@ -116,7 +157,7 @@ def expected_frames(video: Path, fps: float | None) -> int | None:
 
 
 def _progress(video: Path, fps: float | None, enabled: bool):
-    from tqdm import tqdm
+    from engine.progress import Progress
 
     total = expected_frames(video, fps) if enabled else None
-    return tqdm(total=total, desc=f"replay {video.name}", unit="frame", disable=not enabled, leave=False)
+    return Progress(f"replay {video.name}", total, enabled=enabled)

@@ -12,17 +12,16 @@ reloads scene banks whose file changed (every RELOAD_EVERY_S).
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from engine.bank import ReferenceBank
 from engine.backbones import Features
+from engine.decision import FrameScorer, Thresholds
 from engine.errors import BankError
 from engine.spade import Spade
 
@@ -58,6 +57,16 @@ def _unix_time(iso_utc: str | None) -> float | None:
         return None
 
 
+def camera_misfit(meta: dict) -> str | None:
+    """Why a bank's stored settings do not suit a camera stream, or None if they do."""
+    config = meta.get("config") or {}
+    if config.get("geometry") == "crop":
+        # Scoring still works, but only the resized centre crop is seen: edges go unwatched.
+        return ("was built for still images (crop geometry: only a centre crop of each frame is scored); "
+                "build a camera bank with 'spade-monitor reference build' without --preset inspection or paper")
+    return None
+
+
 class _Abandoned(Exception):
     """Internal: stop was requested while the sink was down; the batch stays unacked."""
 
@@ -70,10 +79,8 @@ class Scene:
     path: Path
     bank: ReferenceBank
     model: Spade
-    tau: float
-    gate_tau: float
-    theta: float
-    normal_score: float  # typical image score of a normal frame, for unescalated frames
+    thresholds: Thresholds
+    scorer: FrameScorer  # per-camera smoothing and flags, as evaluate's "as deployed"
     mtime: float
     load_seconds: float
 
@@ -106,7 +113,6 @@ class EngineWorker:
         self.scenes: dict[str, Scene] = {}
         self._extractors: dict[tuple, object] = {}
         self._trackers: dict[str, EventTracker] = {}
-        self._recent: dict[str, deque] = {}
         self._previous: dict = {}  # camera -> pyramid of its last frame, for temporal features
         self.camera_scene = {cid: cam.scene for cid, cam in config.cameras.items() if cam.enabled}
         self.stopping = None  # an Event; set by run(), checked while publishing is being retried
@@ -134,19 +140,19 @@ class EngineWorker:
         path = Path(scene_cfg.bank)
         eng = self.config.engine
         bank = ReferenceBank.load(path)
+        cameras = [cid for cid, cam in self.config.cameras.items() if cam.scene == name and cam.enabled]
+        misfit = camera_misfit(bank.meta) if cameras else None
+        if misfit:
+            log.warning("scene %s (camera %s): bank %s %s", name, ", ".join(cameras), path.name, misfit)
         overrides = dict(device=eng.device, precision=eng.precision, k_image=eng.k_image,
                          k_pixel=eng.k_pixel, batch_size=eng.max_batch)
         probe = Spade.for_bank(bank, extractor=self._shared_extractor(bank, overrides), **overrides)
-        th = bank.thresholds
-        if "tau" not in th or "theta" not in th:
-            raise BankError(f"reference bank {path} is not calibrated: run 'spade-monitor reference calibrate {path}'")
-        tau = scene_cfg.tau if scene_cfg.tau is not None else th["tau"]
-        gate_tau = th.get("gate_tau", tau) if scene_cfg.tau is None or probe.config.image_score != "dn2" else tau
-        theta = scene_cfg.theta if scene_cfg.theta is not None else th["theta"]
+        thresholds = Thresholds.of_bank(bank, probe.config.image_score, tau=scene_cfg.tau, theta=scene_cfg.theta,
+                                        where=str(path))
         bank = bank.to(probe.device)
         probe.warm_up(bank, eng.max_batch)
         built_fps = bank.meta.get("fps")
-        if probe.config.temporal_diff > 0 and built_fps is not None:
+        if (probe.config.temporal_diff > 0 or probe.config.motion_weight > 0) and built_fps is not None:
             for cid, cam in self.config.cameras.items():
                 if cam.scene == name and cam.enabled and cam.fps is not None and abs(built_fps - cam.fps) > 1e-3:
                     # Temporal features compare consecutive sampled frames: the spacing must match.
@@ -156,8 +162,8 @@ class EngineWorker:
         log.info("scene %s: %d reference frames from %s loaded in %.2fs", name, len(bank), path.name, seconds)
         self.metrics.observe_scene(name, len(bank), bank.bytes_per_frame() * len(bank), seconds,
                                    _unix_time(bank.meta.get("created")))
-        return Scene(name, path, bank, probe, float(tau), float(gate_tau), float(theta),
-                     float(th.get("image_median", tau)), path.stat().st_mtime, seconds)
+        scorer = FrameScorer(thresholds, probe.config.temporal_window, probe.config.image_score == "map_max")
+        return Scene(name, path, bank, probe, thresholds, scorer, path.stat().st_mtime, seconds)
 
     def _shared_extractor(self, bank: ReferenceBank, overrides: dict):
         key = (bank.meta["backbone"], bank.meta["weights_id"], tuple(bank.meta["levels"]),
@@ -300,7 +306,7 @@ class EngineWorker:
             scene = self.scenes[self.camera_scene[f.camera]]
             c = scene.model.config
             groups[(id(scene.model.extractor), tuple(scene.bank.meta["preprocess"]["size"]),
-                    c.normalize_global, c.temporal_diff)].append(i)
+                    c.normalize_global, c.temporal_diff, c.motion_weight)].append(i)
         out: list = [None] * len(frames)
         for idx in groups.values():
             first = self.scenes[self.camera_scene[frames[idx[0]].camera]]
@@ -321,38 +327,30 @@ class EngineWorker:
 
     def _score_scene(self, scene: Scene, frames: list[Frame], feats: Features):
         eng = self.config.engine
-        res = scene.model.score_features(feats, scene.bank, maps=eng.escalate, tau=scene.gate_tau)
+        th = scene.thresholds
+        res = scene.model.score_features(feats, scene.bank, maps=eng.escalate, tau=th.gate_tau)
         self.stats.stage_seconds["gate"] += res.gate_seconds
         if res.map_rows:  # batches without escalations would pull the stage's quantiles to zero
             self.stats.stage_seconds["pixel_matching"] += res.match_seconds
         maps = dict(zip(res.map_rows, res.maps if res.maps is not None else []))
-        by_peak = scene.model.config.image_score == "map_max"
-        window = scene.model.config.temporal_window
         results = []
         for i, frame in enumerate(frames):
             amap = maps.get(i)
-            raw = float(res.image_scores[i])
-            if by_peak and math.isnan(raw):
-                raw = scene.normal_score  # below the gate: normal by construction
-            recent = self._recent.setdefault(frame.camera, deque(maxlen=window))
-            if recent.maxlen != window:
-                recent = self._recent[frame.camera] = deque(recent, maxlen=window)
-            recent.append(raw)
-            score = float(np.mean(recent))  # causal, as evaluate's smoothing
+            score, flagged = scene.scorer(frame.camera, float(res.image_scores[i]))
             result = FrameResult(
                 camera=frame.camera, run_id=frame.run_id, seq=frame.seq, source_ts=frame.source_ts,
                 capture_ts=frame.capture_ts, published_ts=None, scene=scene.name, image_score=score,
-                tau=scene.tau, flagged=bool(score > scene.tau), escalated=amap is not None,
-                max_pixel_score=None, theta=scene.theta, anomalous_area=None, boxes=[], overlay_ref=None,
+                tau=th.tau, flagged=flagged, escalated=amap is not None,
+                max_pixel_score=None, theta=th.theta, anomalous_area=None, boxes=[], overlay_ref=None,
             )
             overlay = None
             if amap is not None:
                 result.max_pixel_score = float(amap.max())
-                result.anomalous_area, result.boxes = regions_from_map(amap, scene.theta, frame.image.shape[:2])
+                result.anomalous_area, result.boxes = regions_from_map(amap, th.theta, frame.image.shape[:2])
                 if result.flagged and self.config.outputs.overlays:
                     t1 = time.perf_counter()
                     image = scene.model.bank_preprocess(scene.bank).frame(frame.image)
-                    overlay = encode_overlay(image, amap, scene.theta)
+                    overlay = encode_overlay(image, amap, th.theta)
                     self.stats.stage_seconds["overlay"] += time.perf_counter() - t1
             self.stats.escalated += amap is not None
             self.stats.flagged += result.flagged

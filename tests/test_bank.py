@@ -32,6 +32,20 @@ def test_save_load_roundtrip_keeps_tensors_and_metadata(tmp_path):
     assert "created" in loaded.meta
 
 
+def test_read_meta_reads_the_header_only(tmp_path):
+    bank = make_bank()
+    bank.meta["scene"] = "plaza"
+    bank.save(tmp_path / "scene.bank")
+    meta = ReferenceBank.read_meta(tmp_path / "scene.bank")
+    assert meta["scene"] == "plaza" and meta["frame_count"] == 12
+    (tmp_path / "junk.bank").write_bytes(b"\x00" * 64)
+    with pytest.raises(BankError, match="corrupt|not a SPADE") as err:
+        ReferenceBank.read_meta(tmp_path / "junk.bank")
+    assert "\n" not in str(err.value)
+    with pytest.raises(BankError, match="reference build"):
+        ReferenceBank.read_meta(tmp_path / "nope.bank")
+
+
 def test_missing_bank_is_one_line_with_the_fix(tmp_path):
     with pytest.raises(BankError, match="reference build") as err:
         ReferenceBank.load(tmp_path / "nope.bank")

@@ -90,6 +90,28 @@ def test_shipped_config_shapes() -> None:
     assert [cam.effective_mode for cam in local.cameras.values()] == ["replay"]
 
 
+def test_replay_local_config_runs_on_the_quick_start_outputs(tmp_path: Path) -> None:
+    """configs/replay-local.yaml points at what the README quick start writes, from the repository root."""
+    root = CONFIGS.parent
+    readme = (root / "README.md").read_text()
+    video, bank = "runs/demo/videos/test_01.mp4", "runs/demo/demo.bank"
+    assert "demo-scene --out runs/demo" in readme and f"--out {bank}" in readme and video in readme
+
+    local = load_config(CONFIGS / "replay-local.yaml", check_files=False)
+    assert [cam.source for cam in local.cameras.values()] == [str(root / video)]
+    assert [scene.bank for scene in local.scenes.values()] == [str(root / bank)]
+
+    # A copy of the repository layout holding those files loads with every file checked.
+    (tmp_path / "configs").mkdir()
+    copy = tmp_path / "configs" / "replay-local.yaml"
+    copy.write_text((CONFIGS / "replay-local.yaml").read_text())
+    for rel in (video, bank):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"\0")
+    config = load_config(copy)
+    assert config.outputs.dir == str(tmp_path / "runs" / "replay-local")
+
+
 @pytest.mark.parametrize("mutate, expected", [
     (lambda d: d.update(engin={}), "engin: unknown key (did you mean engine?)"),
     (lambda d: d.update(engine={"max_bach": 4}), "engine.max_bach: unknown key (did you mean max_batch?)"),

@@ -8,10 +8,13 @@ import pytest
 
 from engine.bank import ReferenceBank
 from engine.datasets import iter_video_frames
-from engine.evaluate import smooth_scores
+from engine.decision import Thresholds
+from engine.evaluate import score_clip
 from engine.spade import Spade
 from monitor.cli import main
 from monitor.ingest import CameraReader
+from monitor.replay import _prepare_out_dir, scene_name_for
+from monitor.worker import camera_misfit
 
 FPS = 5
 
@@ -72,6 +75,8 @@ def test_replay_writes_results_events_overlays_and_timeline(scene, scene_bank, t
     assert len(timelines) == 1 and timelines[0].stat().st_size > 1000
     statuses = [s["status"] for s in _lines(out / "status.jsonl")]
     assert statuses == ["online", "finished"]
+    assert {r["scene"] for r in results} == {"plaza"}  # the bank's scene, not a placeholder
+    assert "crop geometry" not in captured.err  # a camera bank fits a camera
 
     summary = captured.out.strip().splitlines()[-1]
     assert f"{expected} frames" in summary and f"{len(flagged)} flagged" in summary
@@ -84,23 +89,46 @@ def test_replay_writes_results_events_overlays_and_timeline(scene, scene_bank, t
     assert len(err.strip().splitlines()) == 1
 
 
+def _evaluate_clip(scene_bank, video):
+    bank = ReferenceBank.load(scene_bank)
+    spade = Spade.for_bank(bank, device="cpu", batch_size=8)
+    thresholds = Thresholds.of_bank(bank, spade.config.image_score)
+    return score_clip(spade, bank, thresholds, iter_video_frames(video))
+
+
+def _replayed(out) -> list[dict]:
+    return sorted(_lines(out / "results.jsonl"), key=lambda r: r["seq"])
+
+
 def test_replay_scores_equal_evaluate_scores(scene, scene_bank, tmp_path, capsys):
-    """replay --escalate all == Spade.iter_scores (smoothed as evaluate does) on the same frames."""
+    """replay --escalate all == evaluate's every-frame-matched scores on the same frames."""
     video = scene.test_videos[1]
     out = tmp_path / "all"
     rc = main(["-q", "replay", str(video), "--reference", str(scene_bank), "--out", str(out),
                "--escalate", "all", "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
-    results = _lines(out / "results.jsonl")
+    results = _replayed(out)
     assert all(r["escalated"] for r in results)
-    got = np.array([r["image_score"] for r in sorted(results, key=lambda r: r["seq"])])
+    want = _evaluate_clip(scene_bank, video)
+    assert len(results) == len(want.matched) == 60
+    np.testing.assert_allclose([r["image_score"] for r in results], want.matched, rtol=1e-3)
 
-    bank = ReferenceBank.load(scene_bank)
-    spade = Spade.for_bank(bank, device="cpu", batch_size=8)
-    raw = [score for _, score, _ in spade.iter_scores(iter_video_frames(video), bank, maps="all")]
-    want = smooth_scores(np.asarray(raw, dtype=np.float64), spade.config.temporal_window)
-    assert len(got) == len(want) == 60
-    np.testing.assert_allclose(got, want, rtol=1e-3)
+
+def test_live_engine_publishes_what_evaluate_reports_as_deployed(scene, scene_bank, tmp_path, capsys):
+    """The default replay (the live gate and escalation) publishes, frame by frame, the scores,
+    escalations and flags that evaluate reports "as deployed"."""
+    video = scene.test_videos[0]
+    out = tmp_path / "deployed"
+    rc = main(["-q", "replay", str(video), "--reference", str(scene_bank), "--out", str(out), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    results = _replayed(out)
+    want = _evaluate_clip(scene_bank, video)
+    escalated = np.array([r["escalated"] for r in results])
+    assert 0 < escalated.sum() < len(results)  # the gate decides: some frames go on, some do not
+    np.testing.assert_array_equal(escalated, want.escalated)
+    np.testing.assert_allclose([r["image_score"] for r in results], want.deployed, rtol=1e-3)
+    np.testing.assert_array_equal([r["flagged"] for r in results], want.deployed_flags)
+    assert want.deployed_flags.any()
 
 
 @pytest.mark.parametrize("case", ["missing bank", "missing video", "bad fps"])
@@ -118,3 +146,83 @@ def test_replay_user_errors_are_one_line(scene, scene_bank, tmp_path, capsys, ca
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("spade-monitor: error:"), err
     assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+def test_failed_replay_does_not_block_the_next_one(scene, scene_bank, tmp_path, capsys):
+    bad = tmp_path / "x.mp4"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    out = tmp_path / "out"
+    rc = main(["-q", "replay", str(bad), "--reference", str(scene_bank), "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("spade-monitor: error: cannot replay"), err
+    assert not (out / "results.jsonl").exists() and not (out / "status.jsonl").exists()
+
+    rc = main(["-q", "replay", str(scene.test_videos[0]), "--reference", str(scene_bank), "--out", str(out),
+               "--fps", "2", "--escalate", "none", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert _lines(out / "results.jsonl")
+    assert [s["status"] for s in _lines(out / "status.jsonl")] == ["online", "finished"]
+
+
+def test_out_dir_with_only_empty_leftovers_is_reused(tmp_path):
+    """Leftovers of a run that produced no result (e.g. from an older version) do not block; results do."""
+    from engine.errors import DataError
+
+    (tmp_path / "results.jsonl").write_text("")
+    (tmp_path / "events.jsonl").write_text("")
+    (tmp_path / "status.jsonl").write_text('{"camera": "x", "status": "failed"}\n')
+    _prepare_out_dir(tmp_path, overwrite=False)
+    assert not any((tmp_path / n).exists() for n in ("results.jsonl", "events.jsonl", "status.jsonl"))
+    (tmp_path / "results.jsonl").write_text('{"seq": 0}\n')
+    with pytest.raises(DataError, match="--overwrite"):
+        _prepare_out_dir(tmp_path, overwrite=False)
+
+
+@pytest.mark.parametrize("meta, expected", [
+    ({"scene": "demo"}, "demo"),
+    ({}, "replay"),
+    ({"scene": None}, "replay"),
+    ({"scene": "../../etc"}, "replay"),
+    ({"scene": "a/b"}, "replay"),
+    ({"scene": "x" * 65}, "replay"),
+    ({"scene": "ok\n"}, "replay"),
+])
+def test_replay_scene_name_comes_from_the_bank_and_is_path_safe(meta, expected):
+    assert scene_name_for(meta) == expected
+
+
+def test_camera_misfit_names_crop_geometry():
+    assert "crop geometry" in camera_misfit({"config": {"geometry": "crop"}})
+    assert camera_misfit({"config": {"geometry": "full"}}) is None
+    assert camera_misfit({}) is None
+
+
+@pytest.fixture(scope="module")
+def stills_bank(scene, tmp_path_factory):
+    """A tiny bank built with the inspection preset (crop geometry) from a few of the scene's frames."""
+    from engine.reference import build_reference
+    from engine.spade import preset
+
+    root = tmp_path_factory.mktemp("stills")
+    for clip in sorted((scene.root / "training" / "frames").iterdir())[:2]:
+        (root / clip.name).mkdir()
+        for frame in sorted(clip.iterdir())[:6]:
+            (root / clip.name / frame.name).symlink_to(frame)
+    spade = Spade(preset("inspection", device="cpu", batch_size=8, k_image=2, k_pixel=2))
+    path = root / "stills.bank"
+    build_reference(spade, [root], "stills", progress=False).save(path)
+    return path
+
+
+def test_replay_warns_once_when_the_bank_is_for_still_images(scene, stills_bank, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["-q", "replay", str(scene.test_videos[1]), "--reference", str(stills_bank), "--out", str(out),
+               "--fps", "2", "--escalate", "none", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "crop geometry" in line]
+    assert len(warnings) == 1, err
+    assert "WARNING" in warnings[0] and "stills.bank" in warnings[0] and "reference build" in warnings[0]
+    assert {r["scene"] for r in _lines(out / "results.jsonl")} == {"stills"}

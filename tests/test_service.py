@@ -356,6 +356,43 @@ def test_inprocess_run_stops_cleanly_and_reloads_a_changed_bank(scene, scene_ban
     assert (out / "timeline_loop.png").is_file()
 
 
+@pytest.mark.slow
+def test_a_bank_overwritten_in_place_never_stops_the_engine(scene, scene_bank, tmp_path, procs):
+    """`cp other.bank scene.bank` writes into the file the engine loaded from: a truncated copy
+    keeps the old bank serving, a complete one is swapped in, and no frame is lost."""
+    from engine.bank import ReferenceBank
+
+    bank = tmp_path / "plaza.bank"
+    good = scene_bank.read_bytes()
+    bank.write_bytes(good)
+    out = tmp_path / "out"
+    cams = {"loop": camera(scene.test_videos[0], realtime=True, loop=True, mode="live")}
+    config = write_config(tmp_path / "local.yaml", cams, bank, outputs={"dir": str(out)},
+                          engine={"escalate": "all"})  # every frame reads the pyramids
+    mon = procs(["run", "--config", str(config)], tmp_path / "run.log")
+    wait_for(lambda: len(_results(out)) >= 3, 90, "first results", mon)
+
+    with open(bank, "r+b") as fh:  # in place, same inode, as cp does: a truncated file
+        fh.truncate(0)
+        fh.write(good[: len(good) // 2])
+    wait_for(lambda: "keeping the previous bank" in mon.text(), 30, "the broken bank refused", mon)
+    seen = len(_results(out))
+    wait_for(lambda: len(_results(out)) >= seen + 3, 30, "results with the old bank", mon)
+
+    other = ReferenceBank.load(scene_bank)
+    other.thresholds["tau"] = 4321.0
+    other.save(tmp_path / "other.bank")
+    with open(bank, "r+b") as fh:  # a complete bank, again in place
+        fh.truncate(0)
+        fh.write((tmp_path / "other.bank").read_bytes())
+    wait_for(lambda: any(r["tau"] == 4321.0 for r in _results(out)), 30, "the new bank in use", mon)
+    code, _ = mon.stop(signal.SIGTERM)
+    assert code == 0, mon.text()
+    assert "SIGBUS" not in mon.text() and "exited unexpectedly" not in mon.text()
+    got = sorted(r["seq"] for r in _results(out))
+    assert got == list(range(len(got)))
+
+
 # ---------------------------------------------------------------- bad input
 
 def _error_of(args: list[str], capsys) -> str:

@@ -1,0 +1,68 @@
+"""The frame decision, in one place for `evaluate`, calibration and the live engine.
+
+gate score > gate_tau  ->  escalated to pixel matching  ->  image score (the map's peak, or DN2)
+->  causal mean over the stream's last `temporal_window` frames  ->  flagged when > tau.
+
+A frame the gate does not escalate has no map; it gets the scene's typical normal score, so
+the smoothed score of a live camera is exactly what `evaluate` reports "as deployed".
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from .errors import BankError
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A scene's operating thresholds, resolved from its bank and any configured overrides."""
+
+    tau: float  # a frame is flagged when its smoothed image score exceeds tau
+    gate_tau: float  # a frame is escalated to pixel matching when its gate score exceeds gate_tau
+    theta: float  # a pixel is anomalous when its map value exceeds theta
+    normal_score: float  # the image score of a frame the gate did not escalate
+
+    @classmethod
+    def of_bank(cls, bank, image_score: str, tau: float | None = None,
+                theta: float | None = None, where: str = "bank") -> "Thresholds":
+        """The bank's calibrated thresholds; `tau`/`theta` override them (a scene's config).
+
+        With DN2 image scores the gate and the flag are the same test, so an overridden tau
+        moves the gate too; with map-peak scores the gate keeps its own calibrated threshold.
+        """
+        th = bank.thresholds
+        if "tau" not in th or "theta" not in th:
+            raise BankError(f"reference bank {where} is not calibrated: run 'spade-monitor reference calibrate {where}'")
+        flag_tau = float(th["tau"] if tau is None else tau)
+        gate_tau = float(th.get("gate_tau", th["tau"]))
+        if image_score == "dn2":
+            gate_tau = flag_tau
+        return cls(tau=flag_tau, gate_tau=gate_tau, theta=float(th["theta"] if theta is None else theta),
+                   normal_score=float(th.get("image_median", flag_tau)))
+
+
+class FrameScorer:
+    """Per-stream causal smoothing and the flag: one instance per scene (or per evaluation)."""
+
+    def __init__(self, thresholds: Thresholds, window: int, peak_scores: bool):
+        self.thresholds = thresholds
+        self.window = max(1, int(window))
+        self.peak_scores = peak_scores  # image score = map peak: unescalated frames have none
+        self._recent: dict = {}
+
+    def __call__(self, stream, raw: float) -> tuple[float, bool]:
+        """(smoothed score, flagged) of the stream's next frame; raw is NaN when not escalated."""
+        if self.peak_scores and math.isnan(raw):
+            raw = self.thresholds.normal_score  # below the gate: normal by construction
+        recent = self._recent.get(stream)
+        if recent is None:
+            recent = self._recent[stream] = deque(maxlen=self.window)
+        recent.append(float(raw))
+        score = sum(recent) / len(recent)
+        return score, score > self.thresholds.tau
+
+    def restart(self, stream) -> None:
+        """Forget a stream's past frames (a new run of the camera, a handover)."""
+        self._recent.pop(stream, None)
