@@ -8,11 +8,14 @@ or its near-duplicate neighbours.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from .backbones import Features
 from .bank import ReferenceBank
+from .decision import CausalMean
 from .features import resolve_precision
 from .matcher import match_dtype
 from .progress import Progress
@@ -30,38 +33,69 @@ def holdout_folds(groups: torch.Tensor) -> torch.Tensor:
     return torch.arange(n) * SINGLE_GROUP_FOLDS // max(n, 1)
 
 
+@dataclass
+class Holdout:
+    """Scores of bank frames matched against the other folds, frame by frame."""
+
+    image: np.ndarray  # raw image scores
+    run: np.ndarray  # the run of consecutive frames each score belongs to
+    gate: np.ndarray  # gate scores
+    pixel: np.ndarray  # a sample of pixel scores
+
+    def smoothed(self, window: int) -> np.ndarray:
+        """Image scores smoothed along each run as a camera's stream is (engine.decision)."""
+        mean = CausalMean(window)
+        return np.array([mean(r, v) for r, v in zip(self.run.tolist(), self.image.tolist())])
+
+
+def holdout_runs(folds: torch.Tensor, max_eval: int, length: int) -> list[torch.Tensor]:
+    """Runs of `length` consecutive bank frames spread over every fold, about max_eval in all.
+
+    Runs, not scattered frames, so that held-out scores can be smoothed over time as live
+    scores are: tau then bounds the false alarms of the smoothed score that is flagged.
+    """
+    ids = folds.unique().tolist()
+    per_fold = max(length, max_eval // len(ids))
+    runs = []
+    for fold in ids:
+        idx = torch.nonzero(folds == fold).flatten()
+        count = max(1, min(per_fold, idx.numel()) // length)
+        starts = torch.linspace(0, max(idx.numel() - length, 0), count).round().long().unique()
+        runs += [idx[s : s + length] for s in starts.tolist()]
+    return runs
+
+
 def holdout_scores(bank: ReferenceBank, config: SpadeConfig, max_eval: int = 240,
-                   pixel_samples: int = 2_000_000, seed: int = 0,
-                   progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image scores, gate scores, sampled pixel scores) of bank frames scored against the other
-    folds, through the same scoring chain as every other frame (engine.spade.score_features)."""
+                   pixel_samples: int = 2_000_000, seed: int = 0, progress: bool = False) -> Holdout:
+    """Runs of bank frames scored against the other folds, through the same scoring chain as
+    every other frame (engine.spade.score_features)."""
     folds = holdout_folds(bank.groups)
-    n = len(bank)
     if folds.unique().numel() < 2:
         raise ValueError("calibration needs at least two reference frames")
-    eval_idx = torch.linspace(0, n - 1, min(max_eval, n)).round().long().unique()
+    runs = holdout_runs(folds, max_eval, length=max(8, 3 * config.temporal_window))
+    total = sum(r.numel() for r in runs)
     rng = np.random.default_rng(seed)
-    image_scores, gate_scores, pixel_values = [], [], []
-    per_frame_pixels = max(1, pixel_samples // len(eval_idx))
+    image, run_of, gate, pixel = [], [], [], []
+    per_frame_pixels = max(1, pixel_samples // total)
     device = bank.global_feats.device
     search_dtype = match_dtype(resolve_precision(config.precision, device), device)  # as the scoring path
-    bar = Progress("calibration, held-out frames", len(eval_idx), enabled=progress)
-    for fold in folds.unique().tolist():
-        q = eval_idx[folds[eval_idx] == fold]
-        ref = torch.nonzero(folds != fold).flatten()
-        for start in range(0, q.numel(), config.batch_size):
-            qb = q[start : start + config.batch_size]
+    bar = Progress("calibration, held-out frames", total, enabled=progress)
+    for r, frames in enumerate(runs):
+        ref = torch.nonzero(folds != folds[frames[0]]).flatten()
+        for start in range(0, frames.numel(), config.batch_size):
+            qb = frames[start : start + config.batch_size]
             bar.update(len(qb))
             feats = Features(global_=bank.global_feats[qb].float(),
                              pyramid={lv: bank.pyramid[lv][qb].float() for lv in config.levels})
             res = score_features(config, feats, bank, maps="all", search_dtype=search_dtype, candidates=ref)
             flat = res.maps.reshape(len(qb), -1)
-            image_scores.append(res.image_scores)
-            gate_scores.append(res.gate_scores)
+            image.append(res.image_scores)
+            run_of.append(np.full(len(qb), r))
+            gate.append(res.gate_scores)
             take = rng.integers(0, flat.shape[1], size=(len(qb), min(per_frame_pixels, flat.shape[1])))
-            pixel_values.append(np.take_along_axis(flat, take, 1).ravel())
+            pixel.append(np.take_along_axis(flat, take, 1).ravel())
     bar.close()
-    return np.concatenate(image_scores), np.concatenate(gate_scores), np.concatenate(pixel_values)
+    return Holdout(np.concatenate(image), np.concatenate(run_of), np.concatenate(gate), np.concatenate(pixel))
 
 
 def calibrate(bank: ReferenceBank, config: SpadeConfig, image_quantile: float | None = None,
@@ -69,21 +103,23 @@ def calibrate(bank: ReferenceBank, config: SpadeConfig, image_quantile: float | 
               progress: bool = False) -> dict:
     """Set the thresholds in the bank from held-out normal scores and return them.
 
-    tau: the image-score threshold (frame flagged); gate_tau: the DN2 threshold above which a
-    frame is escalated to pixel matching. They differ when the image score is the map's peak:
-    the gate then runs below tau's quantile so that it lets through what the map may flag.
+    tau: the threshold of the smoothed image score (frame flagged); gate_tau: the gate score
+    above which a frame is escalated to pixel matching. They differ when the image score comes
+    from the map: the gate then runs below tau's quantile so that it lets through what the map
+    may flag. image_median is the raw score an unescalated frame is given (engine.decision).
     """
     iq = config.image_quantile if image_quantile is None else image_quantile
     pq = config.pixel_quantile if pixel_quantile is None else pixel_quantile
     gq = config.gate_quantile if gate_quantile is None else gate_quantile
     if config.image_score == "dn2":
         gq = iq
-    image, gate, pixel = holdout_scores(bank, config, progress=progress)
+    held = holdout_scores(bank, config, progress=progress)
+    image = held.image
     thresholds = {
-        "tau": float(np.quantile(image, iq)),
-        "gate_tau": float(np.quantile(gate, gq)),
+        "tau": float(np.quantile(held.smoothed(config.temporal_window), iq)),
+        "gate_tau": float(np.quantile(held.gate, gq)),
         "gate_quantile": gq,
-        "theta": float(np.quantile(pixel, pq)),
+        "theta": float(np.quantile(held.pixel, pq)),
         "image_quantile": iq,
         "pixel_quantile": pq,
         "image_score": config.image_score,

@@ -1,6 +1,6 @@
 """The frame decision, in one place for `evaluate`, calibration and the live engine.
 
-gate score > gate_tau  ->  escalated to pixel matching  ->  image score (the map's peak, or DN2)
+gate score > gate_tau  ->  escalated to pixel matching  ->  image score (from the map, or DN2)
 ->  causal mean over the stream's last `temporal_window` frames  ->  flagged when > tau.
 
 A frame the gate does not escalate has no map; it gets the scene's typical normal score, so
@@ -30,7 +30,7 @@ class Thresholds:
         """The bank's calibrated thresholds; `tau`/`theta` override them (a scene's config).
 
         With DN2 image scores the gate and the flag are the same test, so an overridden tau
-        moves the gate too; with map-peak scores the gate keeps its own calibrated threshold.
+        moves the gate too; with map scores the gate keeps its own calibrated threshold.
         """
         th = bank.thresholds
         if "tau" not in th or "theta" not in th:
@@ -43,26 +43,39 @@ class Thresholds:
                    normal_score=float(th.get("image_median", flag_tau)))
 
 
-class FrameScorer:
-    """Per-stream causal smoothing and the flag: one instance per scene (or per evaluation)."""
+class CausalMean:
+    """Mean of each stream's last `window` values: the smoothing a live camera can compute too."""
 
-    def __init__(self, thresholds: Thresholds, window: int, peak_scores: bool):
-        self.thresholds = thresholds
+    def __init__(self, window: int):
         self.window = max(1, int(window))
-        self.peak_scores = peak_scores  # image score = map peak: unescalated frames have none
         self._recent: dict = {}
 
-    def __call__(self, stream, raw: float) -> tuple[float, bool]:
-        """(smoothed score, flagged) of the stream's next frame; raw is NaN when not escalated."""
-        if self.peak_scores and math.isnan(raw):
-            raw = self.thresholds.normal_score  # below the gate: normal by construction
+    def __call__(self, stream, value: float) -> float:
         recent = self._recent.get(stream)
         if recent is None:
             recent = self._recent[stream] = deque(maxlen=self.window)
-        recent.append(float(raw))
-        score = sum(recent) / len(recent)
+        recent.append(float(value))
+        return sum(recent) / len(recent)
+
+    def restart(self, stream) -> None:
+        """Forget a stream's past values (a new run of the camera, a handover)."""
+        self._recent.pop(stream, None)
+
+
+class FrameScorer:
+    """Per-stream causal smoothing and the flag: one instance per scene (or per evaluation)."""
+
+    def __init__(self, thresholds: Thresholds, window: int, map_scored: bool):
+        self.thresholds = thresholds
+        self.map_scored = map_scored  # image scores come from maps: unescalated frames have none
+        self._mean = CausalMean(window)
+
+    def __call__(self, stream, raw: float) -> tuple[float, bool]:
+        """(smoothed score, flagged) of the stream's next frame; raw is NaN when not escalated."""
+        if self.map_scored and math.isnan(raw):
+            raw = self.thresholds.normal_score  # below the gate: normal by construction
+        score = self._mean(stream, raw)
         return score, score > self.thresholds.tau
 
     def restart(self, stream) -> None:
-        """Forget a stream's past frames (a new run of the camera, a handover)."""
-        self._recent.pop(stream, None)
+        self._mean.restart(stream)

@@ -142,13 +142,12 @@ def score_clip(spade: Spade, bank, thresholds: Thresholds, frames, on_frame=None
     escalates, and the scene's normal score elsewhere, exactly as engine.decision decides it.
     """
     c = spade.config
-    peak = c.image_score == "map_max"
-    matched = FrameScorer(thresholds, c.temporal_window, peak)
-    deployed = FrameScorer(thresholds, c.temporal_window, peak)
+    matched = FrameScorer(thresholds, c.temporal_window, c.map_scored)
+    deployed = FrameScorer(thresholds, c.temporal_window, c.map_scored)
     rows = []
     for i, (frame, raw, amap, gate) in enumerate(spade.iter_scores(frames, bank, maps="all")):
         escalated = gate > thresholds.gate_tau
-        rows.append((*matched(None, raw), *deployed(None, raw if escalated or not peak else float("nan")), escalated))
+        rows.append((*matched(None, raw), *deployed(None, raw if escalated or not c.map_scored else float("nan")), escalated))
         if on_frame is not None:
             on_frame(i, frame, amap)
     a = np.array(rows, dtype=np.float64).reshape(-1, 5)

@@ -38,7 +38,10 @@ class SpadeConfig:
     k_pixel: int = 10  # K nearest frames whose galleries pixel matching searches
     normalize_global: bool = True  # L2-normalise the global feature before DN2
     sigma: float = 4.0
-    image_score: str = "dn2"  # "dn2" (global kNN) or "map_max" (max of the anomaly map)
+    # "dn2" (global kNN), "map_max" (peak of the anomaly map) or "map_top" (mean of the map's
+    # top_fraction of pixels: an anomaly covering an area outscores one unusual-looking walker).
+    image_score: str = "dn2"
+    top_fraction: float = 0.01
     temporal_window: int = 1  # frames averaged into a video frame score (1 = none)
     # Weight of each pyramid cell's change since the stream's previous frame, appended to its
     # features: speed tells a cyclist from a walker where appearance alone does not.
@@ -46,7 +49,7 @@ class SpadeConfig:
     # Weight of each cell's optical-flow velocity (pixels per sampled frame), appended likewise.
     motion_weight: float = 0.0
     image_quantile: float = 0.99  # tau = this quantile of held-out normal image scores
-    gate_quantile: float = 0.9  # gate_tau for map_max scoring: gate-score quantile that escalates
+    gate_quantile: float = 0.9  # gate_tau for map scores: the gate-score quantile that escalates
     # "dn2": global-feature kNN; "coarse": peak of the deepest level's cell distances to the
     # nearest frame, which small objects move where they hardly move a global feature.
     gate: str = "dn2"
@@ -63,7 +66,7 @@ class SpadeConfig:
             self.frame_size = tuple(int(v) for v in self.frame_size)
         checks = {
             "geometry": (self.geometry, ("full", "crop")),
-            "image_score": (self.image_score, ("dn2", "map_max")),
+            "image_score": (self.image_score, ("dn2", "map_max", "map_top")),
             "subsample": (self.subsample, ("uniform", "kcenter")),
             "gate": (self.gate, ("dn2", "coarse")),
             "precision": (self.precision, ("auto", "fp32", "bf16", "fp16")),
@@ -74,8 +77,15 @@ class SpadeConfig:
         for level in self.levels:
             if level not in ("s4", "s8", "s16", "s32"):
                 raise ConfigError(f"levels: '{level}' is not one of s4, s8, s16, s32")
+        if not 0 < self.top_fraction <= 1:
+            raise ConfigError(f"top_fraction: {self.top_fraction} is not in (0, 1]")
         if min(self.k_image, self.k_pixel, self.max_frames, self.batch_size, self.temporal_window) < 1:
             raise ConfigError("k_image, k_pixel, max_frames, batch_size and temporal_window must be >= 1")
+
+    @property
+    def map_scored(self) -> bool:
+        """The image score comes from the anomaly map, so a frame without one has none."""
+        return self.image_score != "dn2"
 
     def replace(self, **changes) -> "SpadeConfig":
         return dataclasses.replace(self, **changes)
@@ -98,7 +108,7 @@ PRESETS: dict[str, SpadeConfig] = {
                              normalize_global=False, image_score="dn2"),
     # Fixed cameras: native resolution, frame score = peak of the map, smoothed over frames.
     "camera": SpadeConfig(geometry="full", levels=("s8", "s16"), k_image=10, k_pixel=10,
-                          image_score="map_max", temporal_window=5, temporal_diff=1.0, motion_weight=0.0,
+                          image_score="map_top", temporal_window=5, temporal_diff=1.0, motion_weight=0.0,
                           gate="coarse"),
     # Inspection images (MVTec layout): the paper's crop, deeper levels for large diffuse defects,
     # image score = peak of the map.
@@ -116,7 +126,7 @@ def preset(name: str, **overrides) -> SpadeConfig:
 
 @dataclass
 class ScoreResult:
-    image_scores: np.ndarray  # (B,) DN2 scores, or map maxima with image_score="map_max"
+    image_scores: np.ndarray  # (B,) DN2 scores, or map scores (map_max, map_top), NaN where no map
     dn2_scores: np.ndarray  # (B,)
     neighbours: np.ndarray  # (B, K) bank indices, nearest first
     maps: np.ndarray | None = None  # (B, H, W) at the model input size, None where not computed
@@ -124,6 +134,15 @@ class ScoreResult:
     gate_scores: np.ndarray | None = None  # (B,) what the gate compares with gate_tau
     gate_seconds: float = 0.0  # kNN and gate, for the service's stage metrics
     match_seconds: float = 0.0  # pixel matching of the escalated frames
+
+
+def map_image_scores(maps: np.ndarray, config: SpadeConfig) -> np.ndarray:
+    """(B,) image scores of (B, H, W) anomaly maps: their peak, or the mean of their top pixels."""
+    flat = maps.reshape(len(maps), -1)
+    if config.image_score == "map_max":
+        return flat.max(1)
+    k = max(1, int(round(config.top_fraction * flat.shape[1])))
+    return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(1)
 
 
 def coarse_gate_scores(query_pyramid: dict, bank_pyramid: dict, neighbours: torch.Tensor,
@@ -146,7 +165,7 @@ def score_features(config: SpadeConfig, feats: Features, bank: ReferenceBank, ma
 
     maps: "all" computes anomaly maps for every frame, "flagged" only for frames whose gate
     score exceeds tau (default: the bank's calibrated gate_tau), "none" for none. With
-    image_score="map_max", image_scores hold the map peak where a map was computed and NaN
+    a map image score, image_scores hold it where a map was computed and NaN
     elsewhere (an unescalated frame is below the gate, hence normal; engine.decision scores it).
     candidates restricts the reference frames searched (calibration's held-out folds).
     """
@@ -179,10 +198,10 @@ def score_features(config: SpadeConfig, feats: Features, bank: ReferenceBank, ma
                                 search_dtype=search_dtype).cpu().numpy()
     t2 = time.perf_counter()
     image_scores = dn2.cpu().numpy()
-    if c.image_score == "map_max":
+    if c.map_scored:
         image_scores = np.full(batch, np.nan, dtype=np.float32)
         if rows:
-            image_scores[rows] = out_maps.reshape(len(rows), -1).max(1)
+            image_scores[rows] = map_image_scores(out_maps, c)
     return ScoreResult(image_scores=image_scores, dn2_scores=dn2.cpu().numpy(),
                        neighbours=idx.cpu().numpy(), maps=out_maps, map_rows=rows,
                        gate_scores=gate.float().cpu().numpy(), gate_seconds=t1 - t0, match_seconds=t2 - t1)

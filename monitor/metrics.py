@@ -65,6 +65,9 @@ STAGE_SECONDS = Histogram("spade_stage_duration_seconds",
 
 # -- engine
 FRAMES_PUBLISHED = Counter("spade_camera_frames_published_total", "Frame results published.", ["camera"])
+FRAMES_DUPLICATE = Counter("spade_engine_frames_duplicate_total",
+                           "Re-delivered frames whose result was already published (not counted as published).",
+                           ["camera"])
 FRAMES_ESCALATED = Counter("spade_engine_frames_escalated_total", "Frames sent to pixel matching.", ["camera"])
 FRAMES_FLAGGED = Counter("spade_engine_frames_flagged_total", "Frames whose image score exceeded tau.", ["camera"])
 BATCH_SIZE = Histogram("spade_engine_batch_size", "Frames per engine batch.", buckets=BATCH_BUCKETS)
@@ -199,6 +202,9 @@ class EngineMetrics:
             elif event.kind == "end":
                 EVENTS_CLOSED.labels(event.camera).inc()
                 ANOMALY_ACTIVE.labels(event.camera).set(0)
+
+    def observe_duplicate(self, camera: str) -> None:
+        FRAMES_DUPLICATE.labels(camera).inc()
 
     def observe_drop(self, camera: str, reason: str, n: int = 1) -> None:
         FRAMES_DROPPED.labels(camera, reason).inc(n)

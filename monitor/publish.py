@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Protocol
@@ -188,6 +189,29 @@ class RedisPublisher:
                             f"{self._scrub(str(exc))}); check that redis is running and reachable")
 
 
+class RecentKeys:
+    """Membership of the last `maxlen` keys added: a dedupe window of bounded size."""
+
+    def __init__(self, maxlen: int):
+        self._order: deque = deque()
+        self._keys: set = set()
+        self.maxlen = maxlen
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key) -> None:
+        if key in self._keys:
+            return
+        self._keys.add(key)
+        self._order.append(key)
+        if len(self._order) > self.maxlen:
+            self._keys.discard(self._order.popleft())
+
+
 class DirectoryPublisher:
     """Offline sink: results.jsonl, events.jsonl, status.jsonl, overlays/<camera>/<seq>.jpg,
     and timeline_<camera>.png at close().
@@ -196,11 +220,16 @@ class DirectoryPublisher:
     wrote; results already in results.jsonl are not written again (same dedupe as Redis).
     """
 
+    # Bounds that keep a long-running engine's memory flat: re-deliveries come within minutes
+    # (claim_idle_s), and a timeline of more points than this is unreadable anyway.
+    DEDUPE_WINDOW = 50_000  # most recent results remembered for the dedupe, all cameras
+    TIMELINE_POINTS = 20_000  # most recent scores per camera drawn in its timeline
+
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir)
-        self._seen: set[tuple[str, str, int]] = set()
+        self._seen = RecentKeys(self.DEDUPE_WINDOW)
         # camera -> [(run_id, seq, score, flagged, tau)] for the timelines
-        self._scores: dict[str, list[tuple[str, int, float, bool, float]]] = {}
+        self._scores: dict[str, deque[tuple[str, int, float, bool, float]]] = {}
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._load_existing(self.out_dir / "results.jsonl")
@@ -267,7 +296,8 @@ class DirectoryPublisher:
         handle.flush()
 
     def _remember(self, camera: str, run_id: str, seq: int, score: float, flagged: bool, tau: float) -> None:
-        self._scores.setdefault(camera, []).append((run_id, seq, score, flagged, tau))
+        samples = self._scores.setdefault(camera, deque(maxlen=self.TIMELINE_POINTS))
+        samples.append((run_id, seq, score, flagged, tau))
 
     def _load_existing(self, path: Path) -> None:
         if not path.is_file():
@@ -286,7 +316,7 @@ class DirectoryPublisher:
                     self._seen.add(key)
                     self._remember(key[0], key[1], key[2], *sample)
 
-    def _save_timeline(self, camera: str, samples: list[tuple[str, int, float, bool, float]]) -> None:
+    def _save_timeline(self, camera: str, samples: Sequence[tuple[str, int, float, bool, float]]) -> None:
         if not samples:
             return
         seqs = [s[1] for s in samples]

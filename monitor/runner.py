@@ -387,7 +387,9 @@ def _engine_loop(config: MonitorConfig, stop: threading.Event, drain_all, ready,
             health.beat()
             engine.step()  # also claims frames a dead engine left pending, and reloads changed banks
         everything = drain_all is not None and drain_all.is_set()
-        engine.drain(limit_s=None if everything else DRAIN_LIMIT_S)
+        # Every camera finished: this is the only engine, so what others hold pending is a dead
+        # engine's and is taken over at once, not after claim_idle_s.
+        engine.drain(limit_s=None if everything else DRAIN_LIMIT_S, claim_idle_s=0.0 if everything else None)
         engine.close()
         engine.log_stats()
         return engine
@@ -564,7 +566,8 @@ class Supervisor:
                     self.drain_all.set()
                     break
         finally:
-            self._shutdown()
+            if not self._shutdown() and code == 0:
+                code = 1
         return code
 
     def _check(self) -> bool:
@@ -614,11 +617,43 @@ class Supervisor:
                 child.proc.kill()
                 child.proc.join(5)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self) -> bool:
+        """Stop ingest, then the engine; False when frames the bus accepted were left unscored."""
         self._stop_children("ingest", self.ingest_stop, INGEST_STOP_S + 2)
-        self._stop_children("engine", self.engine_stop,
-                            ENGINE_DRAIN_ALL_S if self.drain_all.is_set() else ENGINE_STOP_S)
+        drained = True
+        if self.drain_all.is_set():
+            drained = self._drain_engine()
+        else:
+            self._stop_children("engine", self.engine_stop, ENGINE_STOP_S)
         log.info("monitor stopped")
+        return drained
+
+    def _drain_engine(self, attempts: int = 3) -> bool:
+        """Every camera has finished: an engine works through all the bus accepted, a dead
+        engine's pending frames included. One that is down (or dies meanwhile) is started again."""
+        engine = next(c for c in self.children if c.role == "engine")
+        self.engine_stop.set()  # a (re)started engine skips the live loop and drains
+        for attempt in range(attempts + 1):
+            if engine.proc is None:
+                if attempt == attempts:
+                    break
+                log.info("starting the engine again to drain what the cameras sent")
+                self._start(engine)
+            engine.proc.join(ENGINE_DRAIN_ALL_S)
+            if engine.proc.is_alive():
+                log.warning("engine did not finish draining within %.0fs; killing it", ENGINE_DRAIN_ALL_S)
+                engine.proc.kill()
+                engine.proc.join(5)
+            code = engine.proc.exitcode
+            self._forget_metrics(engine.proc.pid)
+            engine.proc.close()
+            engine.proc = None
+            if code == 0:
+                return True
+            log.warning("engine exited unexpectedly (%s) while draining", _exit_text(code))
+        log.error("the engine could not drain the bus: frames still queued or pending in Redis stay there "
+                  "for the next engine")
+        return False
 
 
 # ---------------------------------------------------------------- entry point

@@ -96,6 +96,7 @@ class EngineStats:
     failed: int = 0  # frames of batches that raised: acked as skipped so they cannot wedge the stream
     claimed: int = 0  # frames taken over from a dead engine
     abandoned: int = 0  # frames left unacked at a stop during a sink outage
+    duplicates: int = 0  # re-delivered frames whose result the publisher already had
     events_started: int = 0
     publish_retries: int = 0
     stage_seconds: dict = field(default_factory=lambda: defaultdict(float))
@@ -162,7 +163,7 @@ class EngineWorker:
         log.info("scene %s: %d reference frames from %s loaded in %.2fs", name, len(bank), path.name, seconds)
         self.metrics.observe_scene(name, len(bank), bank.bytes_per_frame() * len(bank), seconds,
                                    _unix_time(bank.meta.get("created")))
-        scorer = FrameScorer(thresholds, probe.config.temporal_window, probe.config.image_score == "map_max")
+        scorer = FrameScorer(thresholds, probe.config.temporal_window, probe.config.map_scored)
         return Scene(name, path, bank, probe, thresholds, scorer, path.stat().st_mtime, seconds)
 
     def _shared_extractor(self, bank: ReferenceBank, overrides: dict):
@@ -233,18 +234,23 @@ class EngineWorker:
             self.step()
         self.drain(limit_s=drain_s)
 
-    def drain(self, idle_s: float = 0.5, limit_s: float | None = None) -> int:
+    def drain(self, idle_s: float = 0.5, limit_s: float | None = None,
+              claim_idle_s: float | None = None) -> int:
         """Process what is still on the bus (ingest has stopped); stop when it stays empty for
-        idle_s, or after limit_s. Returns the number of frames processed."""
+        idle_s, or after limit_s. With claim_idle_s, frames other consumers left pending that
+        long (a dead engine's) are taken over too. Returns the number of frames processed."""
         eng = self.config.engine
         deadline = None if limit_s is None else time.monotonic() + limit_s
         total = 0
         while deadline is None or time.monotonic() < deadline:
             msgs = self.bus.get_batch(eng.max_batch, idle_s)
-            if not msgs:
+            if msgs:
+                self._process_safely(msgs)
+                total += len(msgs)
+            elif claim_idle_s is None or not (claimed := self.recover_pending(claim_idle_s)):
                 break
-            self._process_safely(msgs)
-            total += len(msgs)
+            else:
+                total += claimed
         return total
 
     def _process_safely(self, msgs) -> None:
@@ -369,9 +375,12 @@ class EngineWorker:
                     events = []
                 if i < len(results):
                     result, overlay = results[i]
-                    self.publisher.publish_result(result, overlay)  # idempotent, so safe to retry
-                    self.metrics.observe_result(result)
-                    events = self._tracker(result.camera).update(result, result.overlay_ref)
+                    if self.publisher.publish_result(result, overlay):  # idempotent, so safe to retry
+                        self.metrics.observe_result(result)
+                        events = self._tracker(result.camera).update(result, result.overlay_ref)
+                    else:  # published before a crash: its events went out with it
+                        self.stats.duplicates += 1
+                        self.metrics.observe_duplicate(result.camera)
                     i += 1
                 delay = 0.2
             except PublishError as exc:

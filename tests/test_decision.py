@@ -31,7 +31,7 @@ def test_an_uncalibrated_bank_is_one_line_naming_the_fix():
 
 def test_unescalated_frames_score_as_normal_and_smoothing_is_causal_per_stream():
     th = Thresholds.of_bank(_bank(**CALIBRATED), "map_max")
-    scorer = FrameScorer(th, window=2, peak_scores=True)
+    scorer = FrameScorer(th, window=2, map_scored=True)
     assert scorer("a", math.nan) == (2.0, False)  # not escalated: the scene's normal score
     assert scorer("a", 20.0) == (11.0, True)  # mean of the last two frames of stream a
     assert scorer("b", 8.0) == (8.0, False)  # streams do not mix

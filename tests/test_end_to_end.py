@@ -29,7 +29,8 @@ def test_evaluate_video_finds_and_localises_injected_anomalies(scene, camera_mod
     assert p["frame_rocauc_macro"] > 0.8 and p["frame_rocauc_worst_clip"] > 0.7, report.table
     assert p["frame_rocauc_worst_clip"] <= p["frame_rocauc_macro"]
     op = p["operating_point"]
-    assert op["recall"] > 0.5 and op["false_alarm_rate"] < 0.2, op
+    # the causal mean carries an anomaly into the next few normal frames: most of the false alarms
+    assert op["recall"] > 0.5 and op["false_alarm_rate"] < 0.3, op
     assert op["stretches_flagged"] == op["stretches_total"] > 0, op
     deployed = p["as_deployed"]
     assert deployed["frame_rocauc_micro"] > 0.7 and 0 < deployed["escalated_fraction"] < 1, deployed
@@ -68,8 +69,14 @@ def test_calibrated_thresholds_flag_few_normal_frames_and_many_anomalous(scene, 
 def test_holdout_calibration_uses_each_clip_against_the_others(scene, camera_model):
     bank = build_reference(camera_model, [scene.root / "training" / "frames"], "scene", progress=False)
     assert bank.groups.unique().numel() == 3  # one group per training clip folder
-    image, dn2, pixel = holdout_scores(bank, camera_model.config)
-    assert image.size == dn2.size > 0 and pixel.size > 0 and np.all(image > 0)
+    held = holdout_scores(bank, camera_model.config)
+    assert held.image.size == held.gate.size == held.run.size > 0 and held.pixel.size > 0
+    assert np.all(held.image > 0)
+    # runs of consecutive frames from every clip, so that tau bounds the smoothed score
+    runs = [np.flatnonzero(held.run == r) for r in np.unique(held.run)]
+    assert len(runs) >= 3 and all(len(r) >= 8 for r in runs)
+    smoothed = held.smoothed(camera_model.config.temporal_window)
+    assert smoothed.std() < held.image.std()
     strict = calibrate(bank, camera_model.config, image_quantile=0.5)["tau"]
     loose = calibrate(bank, camera_model.config, image_quantile=0.99)["tau"]
     assert strict < loose

@@ -33,6 +33,8 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:  # busy or not up yet: poll again
+        return 0, str(exc)
 
 
 def scrape(port: int) -> dict[str, list]:

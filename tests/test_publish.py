@@ -270,3 +270,19 @@ def test_multi_publisher_fans_out_and_keeps_primary_ref(redis_server, tmp_path):
     assert client(redis_server.url).xlen("results:cam1") == 1
     assert read_jsonl(tmp_path / "results.jsonl")[0]["overlay_ref"] == "overlays/cam1/7.jpg"
     assert (tmp_path / "timeline_cam1.png").is_file()
+
+
+def test_a_long_running_folder_publisher_keeps_bounded_memory(tmp_path, monkeypatch):
+    """The dedupe window and the timelines keep the most recent results only."""
+    from monitor.publish import DirectoryPublisher
+
+    monkeypatch.setattr(DirectoryPublisher, "DEDUPE_WINDOW", 100)
+    monkeypatch.setattr(DirectoryPublisher, "TIMELINE_POINTS", 50)
+    pub = DirectoryPublisher(tmp_path)
+    for seq in range(1000):
+        assert pub.publish_result(make_result(seq=seq, camera="cam"))
+    assert len(pub._seen) == 100 and len(pub._scores["cam"]) == 50
+    assert not pub.publish_result(make_result(seq=999, camera="cam"))  # recent: still deduplicated
+    pub.close()
+    assert (tmp_path / "timeline_cam.png").is_file()
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1000

@@ -283,6 +283,28 @@ def test_camera_loss_and_engine_crash_within_run(scene, scene_bank, redis_server
 
 
 @pytest.mark.slow
+def test_frames_pending_on_a_dead_engine_are_drained_when_the_cameras_finish(scene, scene_bank, redis_server,
+                                                                            tmp_path, procs):
+    """The last file ends while the engine is dead, holding a batch it read but never acked: the
+    supervisor starts an engine to drain, which claims that batch too. Nothing is left behind."""
+    video = scene.test_videos[0]
+    config = write_config(tmp_path / "monitor.yaml", {"a": camera(video)}, scene_bank, redis_server.url,
+                          engine={"escalate": "none", "claim_idle_s": 600})  # the timer cannot save them
+    r = redis.Redis(port=redis_server.port)
+    mon = procs(["run", "--config", str(config)], tmp_path / "run.log")
+    wait_for(lambda: len(seqs(r, "a")) >= 3, 90, "first results", mon)
+    engine_pid = int(re.search(r"engine: cameras .* \(pid (\d+)\)", mon.text()).group(1))
+    os.kill(engine_pid, signal.SIGSTOP)  # it keeps what it read pending and reads nothing more
+    wait_for(lambda: "every camera has finished" in mon.text(), 60, "the camera to finish", mon)
+    assert consumer_pending(r, "a", f"-{engine_pid}") > 0
+    os.kill(engine_pid, signal.SIGKILL)
+    code = mon.proc.wait(120)
+    assert code == 0, mon.tail()
+    assert sorted(seqs(r, "a")) == list(range(sampled_frames(video)))  # every frame, once
+    assert pending(r, "a") == 0
+
+
+@pytest.mark.slow
 def test_redis_restart_mid_run(scene, scene_bank, redis_server, tmp_path, procs):
     # A looping file paced like a live camera: frames keep coming during the outage.
     cams = {"loop": camera(scene.test_videos[0], mode="live", realtime=True, loop=True)}
