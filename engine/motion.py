@@ -55,11 +55,19 @@ def stream_flows(greys: list[np.ndarray], streams: list, context: dict,
     return flows
 
 
+# Velocities are expressed in pixels per sampled frame at this many rows, so that one weight
+# means the same on a 480-row camera as on Ped2's 240 rows.
+REFERENCE_ROWS = 240
+
+
 def motion_channels(flows: list[np.ndarray | None], cells: tuple[int, int], weight: float,
                     device: torch.device) -> torch.Tensor:
     """(B, 2, h, w) weighted cell velocities; zero where a frame has no flow."""
     out = torch.zeros(len(flows), 2, *cells)
+    rows = None
     for i, flow in enumerate(flows):
         if flow is not None:
             out[i] = cell_velocity(flow, cells)
-    return (weight * out).to(device)
+            rows = flow.shape[0]
+    scale = weight * REFERENCE_ROWS / rows if rows else weight
+    return (scale * out).to(device)

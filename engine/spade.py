@@ -46,7 +46,8 @@ class SpadeConfig:
     # Weight of each pyramid cell's change since the stream's previous frame, appended to its
     # features: speed tells a cyclist from a walker where appearance alone does not.
     temporal_diff: float = 0.0
-    # Weight of each cell's optical-flow velocity (pixels per sampled frame), appended likewise.
+    # Weight of each cell's optical-flow velocity, appended likewise (engine/motion.py). A cell
+    # moves 1-3 px a frame while appearance distances are 30-140: weights that matter are 10-50.
     motion_weight: float = 0.0
     image_quantile: float = 0.99  # tau = this quantile of held-out normal image scores
     gate_quantile: float = 0.9  # gate_tau for map scores: the gate-score quantile that escalates
@@ -108,7 +109,7 @@ PRESETS: dict[str, SpadeConfig] = {
                              normalize_global=False, image_score="dn2"),
     # Fixed cameras: native resolution, frame score = peak of the map, smoothed over frames.
     "camera": SpadeConfig(geometry="full", levels=("s8", "s16"), k_image=10, k_pixel=10,
-                          image_score="map_top", temporal_window=5, temporal_diff=1.0, motion_weight=0.0,
+                          image_score="map_top", temporal_window=5, temporal_diff=1.0, motion_weight=32.0,
                           gate="coarse"),
     # Inspection images (MVTec layout): the paper's crop, deeper levels for large diffuse defects,
     # image score = peak of the map.
