@@ -155,8 +155,7 @@ def cmd_ingest(args) -> int:
     cameras = select_cameras(config, args.camera)
     config.redis.connection_url()  # an unset password_env fails here, in one line
     with stop_on_signals() as stop:
-        run_ingest(config, cameras, stop)
-    return 0
+        return run_ingest(config, cameras, stop)
 
 
 def cmd_engine(args) -> int:

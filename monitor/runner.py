@@ -59,6 +59,7 @@ INGEST_STOP_S = 5.0
 ENGINE_STOP_S = DRAIN_LIMIT_S + 20.0  # a batch in flight plus the drain
 ENGINE_DRAIN_ALL_S = 3600.0  # every file ended: the engine works through the whole backlog
 EXIT_USER_ERROR = 2
+EXIT_NOTHING_READ = 3  # every camera ended without a single frame: a run that did nothing
 
 
 # ---------------------------------------------------------------- logging
@@ -283,6 +284,10 @@ class IngestGroup:
         """Cameras that ended offline (a file that could not be read), with the reason."""
         return {cid: w.detail for cid, w in self.workers.items() if w.status == OFFLINE}
 
+    def nothing_read(self) -> bool:
+        """True when every camera has ended without handing on a single frame."""
+        return self.done() and all(w.stats.sampled == 0 for w in self.workers.values())
+
     def tick(self) -> None:
         """Housekeeping from the supervising loop: metrics and drop reports."""
         self.metrics.update()
@@ -332,9 +337,10 @@ def _redis_for_health(config: MonitorConfig) -> str | None:
     return config.redis.connection_url() if uses_redis_publisher(config) else None
 
 
-def run_ingest(config: MonitorConfig, cameras: list[str], stop: threading.Event, serve_metrics: bool = True) -> None:
+def run_ingest(config: MonitorConfig, cameras: list[str], stop: threading.Event, serve_metrics: bool = True) -> int:
     """The `ingest` command and the ingest child of `run`: cameras -> Redis frame bus.
-    The child of `run` leaves the endpoint to its supervisor (serve_metrics=False)."""
+    The child of `run` leaves the endpoint and the summary to its supervisor (serve_metrics=False).
+    Returns EXIT_NOTHING_READ when every camera ended without a frame, else 0."""
     _require_redis(config, "ingest")
     health = Health(_redis_for_health(config), needs_banks=False)
     with metrics_endpoint(config, health) if serve_metrics else nullcontext():
@@ -355,6 +361,17 @@ def run_ingest(config: MonitorConfig, cameras: list[str], stop: threading.Event,
             group.stop()
             relay.flush(force=True)
             publisher.close()
+        return _nothing_read_code(group, report=serve_metrics)
+
+
+def _nothing_read_code(group: IngestGroup, report: bool = True) -> int:
+    if not group.nothing_read():
+        return 0
+    if not report:
+        return EXIT_NOTHING_READ
+    reasons = "; ".join(f"{cid}: {detail}" for cid, detail in group.failed_cameras().items())
+    log.error("no frame could be read from any camera (%s): check the sources", reasons or "none delivered")
+    return EXIT_NOTHING_READ
 
 
 # ---------------------------------------------------------------- engine
@@ -471,7 +488,7 @@ def _child_main(role: str, config: MonitorConfig, cameras: list[str] | None, sto
         if role == "engine":
             run_engine(config, stop, drain_all, ready=ready, serve_metrics=False)
         else:
-            run_ingest(config, cameras or [], stop, serve_metrics=False)
+            sys.exit(run_ingest(config, cameras or [], stop, serve_metrics=False))
     except SpadeError as exc:
         log.error("%s: %s", name, exc)
         sys.exit(EXIT_USER_ERROR)
@@ -500,6 +517,7 @@ class _Child:
     delay: float = RESTART_MIN_S
     restart_at: float = 0.0
     done: bool = False
+    read_nothing: bool = False  # an ingest child whose cameras all ended without a frame
 
 
 class Supervisor:
@@ -561,7 +579,11 @@ class Supervisor:
                 if self._check():
                     code = EXIT_USER_ERROR
                     break
-                if all(c.done for c in self.children if c.role == "ingest"):
+                ingest = [c for c in self.children if c.role == "ingest"]
+                if all(c.done for c in ingest):
+                    if all(c.read_nothing for c in ingest):
+                        log.error("no frame could be read from any camera (see above): check the sources")
+                        code = EXIT_NOTHING_READ
                     log.info("every camera has finished; the engine drains the bus and stops")
                     self.drain_all.set()
                     break
@@ -587,8 +609,9 @@ class Supervisor:
             self._forget_metrics(child.proc.pid)
             child.proc.close()
             child.proc = None
-            if code == 0 and child.role == "ingest":
+            if code in (0, EXIT_NOTHING_READ) and child.role == "ingest":
                 child.done = True  # its file ended or cannot be read: a restart changes nothing
+                child.read_nothing = code == EXIT_NOTHING_READ
                 continue
             if code == EXIT_USER_ERROR:
                 log.error("%s cannot run (its error is above); stopping the monitor", child.name)
@@ -666,6 +689,6 @@ def run_service(config: MonitorConfig, log_json: bool = False) -> int:
             with metrics_endpoint(config, health):
                 result = run_local(config, stop, health=health)
             result.engine.log_stats()
-            return 0
+            return _nothing_read_code(result.ingest)
         config.redis.connection_url()  # an unset password_env fails here, in one line
         return Supervisor(config, log_json).run(stop)

@@ -450,6 +450,21 @@ def test_config_mistakes_are_one_line_errors(scene, scene_bank, tmp_path, capsys
         ["ingest", "--config", str(with_redis), "--camera", "nope"], capsys)
 
 
+@pytest.mark.parametrize("bus", ["inprocess", "redis"])
+def test_a_run_that_never_reads_a_frame_exits_non_zero(scene_bank, tmp_path, procs, request, bus):
+    """Every camera unreadable: the run says so in one line and exits 3, not 0 as if it worked."""
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video" * 100)
+    redis_url = request.getfixturevalue("redis_server").url if bus == "redis" else None
+    config = write_config(tmp_path / "monitor.yaml", {"a": camera(bad), "b": camera(bad)}, scene_bank, redis_url,
+                          outputs={"dir": str(tmp_path / "out")})
+    mon = procs(["run", "--config", str(config)], tmp_path / "run.log")
+    code = mon.proc.wait(120)
+    assert code == 3, mon.tail()
+    assert mon.text().count("no frame could be read from any camera") == 1, mon.tail()
+    clean_log(mon.text())
+
+
 def _truncated_avi(scene, path: Path) -> Path:
     """The first 60% of an MJPEG AVI of a test clip: the tail is cut mid-frame."""
     import av
