@@ -40,6 +40,22 @@ class Event:
         return {name: "" if value is None else (repr(value) if isinstance(value, float) else str(value))
                 for name, value in asdict(self).items()}
 
+    @classmethod
+    def from_record(cls, record: dict) -> "Event":
+        """An event from to_fields' strings or to_json's values; ValueError/KeyError if malformed."""
+        def get(name, kind, optional=False):
+            value = record[name]
+            if optional and value in ("", None):
+                return None
+            return kind(value)
+
+        return cls(event_id=str(record["event_id"]), camera=str(record["camera"]), kind=str(record["kind"]),
+                   start_seq=get("start_seq", int), start_ts=get("start_ts", float),
+                   end_seq=get("end_seq", int, True), end_ts=get("end_ts", float, True),
+                   peak_score=get("peak_score", float), peak_seq=get("peak_seq", int),
+                   duration_s=get("duration_s", float), frames_flagged=get("frames_flagged", int),
+                   best_overlay_ref=get("best_overlay_ref", str, True))
+
 
 @dataclass
 class _Sample:
@@ -150,6 +166,26 @@ class EventTracker:
             if state is not None:
                 events.extend(self._close(name, state))
         return events
+
+    def adopt(self, left_open: Event, run_id: str) -> list[Event]:
+        """Take over an event that a dead engine left open on this camera.
+
+        Of the same ingest run, it goes on (later flagged frames update it, normal ones close
+        it); of an earlier run, it can never continue, so it ends now, where it was last seen.
+        """
+        camera = left_open.camera
+        last_ts = left_open.start_ts + left_open.duration_s
+        last_seq = max(left_open.start_seq, left_open.peak_seq)
+        event = _OpenEvent(event_id=left_open.event_id, start_seq=left_open.start_seq, start_ts=left_open.start_ts,
+                           last_seq=last_seq, last_ts=last_ts, peak_score=left_open.peak_score,
+                           peak_seq=left_open.peak_seq, frames_flagged=left_open.frames_flagged,
+                           best_overlay_ref=left_open.best_overlay_ref,
+                           best_overlay_score=left_open.peak_score if left_open.best_overlay_ref else -math.inf)
+        state = self._states.setdefault(camera, self._new_state(run_id))
+        if left_open.event_id == f"{camera}-{run_id[:8]}-{left_open.start_seq}" and state.open is None:
+            state.open = event
+            return []
+        return [self._event(camera, event, "end")]
 
     def is_open(self, camera: str) -> bool:
         state = self._states.get(camera)

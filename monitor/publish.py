@@ -35,6 +35,9 @@ class Publisher(Protocol):
     def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None) -> bool: ...
     def publish_events(self, events: Iterable[Event]) -> None: ...
     def publish_status(self, camera: str, status: str, detail: str = "") -> None: ...
+    def open_event(self, camera: str) -> Event | None:
+        """The camera's last published event if it never ended (its engine died), else None."""
+        ...
     def close(self) -> None: ...
 
 
@@ -52,6 +55,15 @@ def _ends_with_newline(path: Path) -> bool:
     with path.open("rb") as handle:
         handle.seek(-1, 2)
         return handle.read(1) == b"\n"
+
+
+def _unended(record: dict) -> Event | None:
+    """The event a record describes if it is a start or an update (not ended), else None."""
+    try:
+        event = Event.from_record(record)
+    except (KeyError, ValueError, TypeError):
+        return None  # an unreadable record: nothing to take over
+    return None if event.kind == "end" else event
 
 
 def _check_name(camera: str) -> None:
@@ -128,6 +140,19 @@ class RedisPublisher:
         except redis.RedisError as exc:
             raise self._error(f"publishing result {tag}", exc) from None
         return entry_id is not None
+
+    def open_event(self, camera: str) -> Event | None:
+        import redis
+
+        _check_name(camera)
+        try:
+            last = self._client.xrevrange(f"events:{camera}", count=1)
+        except redis.RedisError as exc:
+            raise self._error(f"reading the last event of {camera}", exc) from None
+        if not last:
+            return None
+        fields = {k.decode(): v.decode(errors="replace") for k, v in last[0][1].items()}
+        return _unended(fields)
 
     def publish_events(self, events: Iterable[Event]) -> None:
         import redis
@@ -228,11 +253,13 @@ class DirectoryPublisher:
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir)
         self._seen = RecentKeys(self.DEDUPE_WINDOW)
+        self._last_event: dict[str, dict] = {}  # camera -> its last event record
         # camera -> [(run_id, seq, score, flagged, tau)] for the timelines
         self._scores: dict[str, deque[tuple[str, int, float, bool, float]]] = {}
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._load_existing(self.out_dir / "results.jsonl")
+            self._load_last_events(self.out_dir / "events.jsonl")
             self._results = self._open("results.jsonl")
             self._events = self._open("events.jsonl")
             self._status = self._open("status.jsonl")
@@ -260,10 +287,16 @@ class DirectoryPublisher:
         self._remember(result.camera, result.run_id, result.seq, result.image_score, result.flagged, result.tau)
         return True
 
+    def open_event(self, camera: str) -> Event | None:
+        record = self._last_event.get(camera)
+        return None if record is None else _unended(record)
+
     def publish_events(self, events: Iterable[Event]) -> None:
         try:
             for event in events:
-                self._write(self._events, event.to_json())
+                record = event.to_json()
+                self._write(self._events, record)
+                self._last_event[event.camera] = record
         except OSError as exc:
             raise PublishError(f"cannot write events to {self.out_dir}: {exc.strerror or exc}") from None
 
@@ -298,6 +331,17 @@ class DirectoryPublisher:
     def _remember(self, camera: str, run_id: str, seq: int, score: float, flagged: bool, tau: float) -> None:
         samples = self._scores.setdefault(camera, deque(maxlen=self.TIMELINE_POINTS))
         samples.append((run_id, seq, score, flagged, tau))
+
+    def _load_last_events(self, path: Path) -> None:
+        if not path.is_file():
+            return
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                    self._last_event[str(record["camera"])] = record
+                except (ValueError, KeyError, TypeError):
+                    continue  # a truncated last line from an interrupted run
 
     def _load_existing(self, path: Path) -> None:
         if not path.is_file():
@@ -368,6 +412,9 @@ class MultiPublisher:
     def publish_status(self, camera: str, status: str, detail: str = "") -> None:
         for publisher in self.publishers:
             publisher.publish_status(camera, status, detail)
+
+    def open_event(self, camera: str) -> Event | None:
+        return next((e for p in self.publishers if (e := p.open_event(camera)) is not None), None)
 
     def close(self) -> None:
         # Close every sink even if one fails, then report the first failure.

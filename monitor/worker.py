@@ -114,6 +114,7 @@ class EngineWorker:
         self.scenes: dict[str, Scene] = {}
         self._extractors: dict[tuple, object] = {}
         self._trackers: dict[str, EventTracker] = {}
+        self._inherited: dict[str, list] = {}  # camera -> the end of an event a dead engine left open
         self._previous: dict = {}  # camera -> pyramid of its last frame, for temporal features
         self.camera_scene = {cid: cam.scene for cid, cam in config.cameras.items() if cam.enabled}
         self.stopping = None  # an Event; set by run(), checked while publishing is being retried
@@ -375,12 +376,14 @@ class EngineWorker:
                     events = []
                 if i < len(results):
                     result, overlay = results[i]
+                    tracker = self._tracker(result)
                     if self.publisher.publish_result(result, overlay):  # idempotent, so safe to retry
                         self.metrics.observe_result(result)
-                        events = self._tracker(result.camera).update(result, result.overlay_ref)
+                        events = tracker.update(result, result.overlay_ref)
                     else:  # published before a crash: its events went out with it
                         self.stats.duplicates += 1
                         self.metrics.observe_duplicate(result.camera)
+                    events = self._inherited.pop(result.camera, []) + events
                     i += 1
                 delay = 0.2
             except PublishError as exc:
@@ -396,11 +399,21 @@ class EngineWorker:
                 delay = min(delay * 2, PUBLISH_BACKOFF_MAX_S)
         self.stats.stage_seconds["publish"] += time.perf_counter() - t0
 
-    def _tracker(self, camera: str) -> EventTracker:
-        if camera not in self._trackers:
-            ev = self.config.events
-            self._trackers[camera] = EventTracker(ev.open_after, ev.window, ev.close_after)
-        return self._trackers[camera]
+    def _tracker(self, result: FrameResult) -> EventTracker:
+        """The camera's event tracker. The first time, an event a dead engine left open on the
+        camera is taken over (same ingest run) or ended (its end waits in _inherited)."""
+        camera = result.camera
+        if camera in self._trackers:
+            return self._trackers[camera]
+        ev = self.config.events
+        tracker = EventTracker(ev.open_after, ev.window, ev.close_after)
+        left_open = self.publisher.open_event(camera)  # may raise PublishError: retried with the result
+        if left_open is not None:
+            self._inherited[camera] = tracker.adopt(left_open, result.run_id)
+            log.info("camera %s: %s the event %s a previous engine left open", camera,
+                     "ended" if self._inherited[camera] else "took over", left_open.event_id)
+        self._trackers[camera] = tracker
+        return tracker
 
     def close(self) -> None:
         """End open events (a stopped engine cannot see them end)."""

@@ -131,6 +131,29 @@ def test_events_and_status_streams(redis_server):
     pub.close()
 
 
+def test_an_unended_event_is_found_for_the_next_engine(redis_server, tmp_path):
+    """Both sinks tell the next engine which event a crashed one left open, and nothing once it ended."""
+    tracker = EventTracker()
+    opened = []
+    for seq in range(4):
+        opened += tracker.update(make_result(seq=seq, score=2.0 + seq), None)
+    assert opened and opened[-1].kind in ("start", "update")
+    for pub in (RedisPublisher(redis_server.url), DirectoryPublisher(tmp_path)):
+        assert pub.open_event("cam1") is None
+        pub.publish_events(opened)
+        found = pub.open_event("cam1")
+        assert found is not None and found.event_id == opened[0].event_id and found.peak_score == 5.0
+        pub.close()
+    reopened = DirectoryPublisher(tmp_path)  # a new engine reads it back from events.jsonl
+    assert reopened.open_event("cam1") == found
+    reopened.close()
+    ended = tracker.flush()
+    for pub in (RedisPublisher(redis_server.url), DirectoryPublisher(tmp_path)):
+        pub.publish_events(ended)
+        assert pub.open_event("cam1") is None
+        pub.close()
+
+
 def test_maxlen_trims_results_stream(redis_server):
     pub = RedisPublisher(redis_server.url, stream_maxlen=100)
     for seq in range(600):

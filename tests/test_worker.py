@@ -15,8 +15,7 @@ from monitor.publish import DirectoryPublisher
 from monitor.worker import EngineWorker
 
 
-@pytest.fixture
-def worker(scene_bank, tmp_path):
+def _make_worker(scene_bank, tmp_path):
     config = parse_config({
         "cameras": {"cam": {"source": "rtsp://127.0.0.1:9/none", "scene": "plaza"}},
         "scenes": {"plaza": {"bank": str(scene_bank)}},
@@ -27,8 +26,51 @@ def worker(scene_bank, tmp_path):
     }, base_dir=tmp_path)
     bus = InProcessBus(max_len=64)
     publisher = DirectoryPublisher(tmp_path / "out")
-    yield EngineWorker(config, bus, publisher), bus, tmp_path / "out"
-    publisher.close()
+    return EngineWorker(config, bus, publisher), bus, tmp_path / "out"
+
+
+@pytest.fixture
+def worker(scene_bank, tmp_path):
+    engine, bus, out = _make_worker(scene_bank, tmp_path)
+    yield engine, bus, out
+    engine.publisher.close()
+
+
+def _frame(scene, seq: int, run_id: str) -> Frame:
+    image = next(iter(iter_video_frames(scene.train_videos[0])))  # a normal frame
+    return Frame(camera="cam", seq=seq, source_ts=seq / 5, capture_ts=time.time(), image=image, run_id=run_id)
+
+
+def _events(out) -> list[dict]:
+    path = out / "events.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+LEFT_OPEN = {"event_id": "cam-aaaaaaaa-3", "camera": "cam", "kind": "update", "start_seq": 3, "start_ts": 0.6,
+             "end_seq": None, "end_ts": None, "peak_score": 9.5, "peak_seq": 7, "duration_s": 1.4,
+             "frames_flagged": 5, "best_overlay_ref": None}
+
+
+@pytest.mark.parametrize("same_run", [True, False])
+def test_an_event_a_dead_engine_left_open_is_taken_over_or_ended(scene, scene_bank, tmp_path, same_run):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "events.jsonl").write_text(json.dumps(LEFT_OPEN) + "\n")  # the crashed engine's last word
+    engine, bus, _ = _make_worker(scene_bank, tmp_path)
+    run_id = "aaaaaaaa" + "0" * 24 if same_run else "bbbbbbbb" + "0" * 24
+    bus.put(_frame(scene, 9, run_id), live=False)
+    engine.process(bus.get_batch(4, 1.0))
+    ends = [e for e in _events(out) if e["event_id"] == LEFT_OPEN["event_id"] and e["kind"] == "end"]
+    if same_run:
+        assert not ends  # it goes on: the same ingest run may still be inside it
+        engine.close()  # a graceful stop ends what is open
+        ends = [e for e in _events(out) if e["event_id"] == LEFT_OPEN["event_id"] and e["kind"] == "end"]
+    assert len(ends) == 1
+    assert ends[0]["start_seq"] == 3 and ends[0]["peak_score"] == 9.5
+    if not same_run:  # it ended where it was last seen
+        assert ends[0]["end_ts"] == pytest.approx(2.0) and ends[0]["end_seq"] == 7
+    assert not [e for e in _events(out) if e["kind"] == "start"]  # no second event opened for it
+    engine.publisher.close()
 
 
 def _value(counter, camera: str) -> float:
