@@ -79,3 +79,9 @@ class FrameScorer:
 
     def restart(self, stream) -> None:
         self._mean.restart(stream)
+
+    def alone(self, raw: float) -> tuple[float, bool]:
+        """(score, flagged) of a frame scored out of its stream's order (no smoothing, no state)."""
+        if self.map_scored and math.isnan(raw):
+            raw = self.thresholds.normal_score
+        return raw, raw > self.thresholds.tau

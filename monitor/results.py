@@ -36,6 +36,9 @@ class FrameResult:
     anomalous_area: float | None = None  # fraction of pixels > theta
     boxes: list[list[int]] = field(default_factory=list)  # [x, y, w, h], source pixels, largest first
     overlay_ref: str | None = None
+    # Claimed from a dead engine after later frames: scored without its predecessor (temporal
+    # and motion channels zero, no smoothing) and kept out of event state.
+    late: bool = False
 
     def __post_init__(self) -> None:
         # Engine values are often numpy scalars, which json and redis-py reject or mangle.
@@ -47,6 +50,7 @@ class FrameResult:
             setattr(self, name, None if value is None else float(value))
         self.flagged = bool(self.flagged)
         self.escalated = bool(self.escalated)
+        self.late = bool(self.late)
         self.boxes = [[int(v) for v in box] for box in self.boxes]
 
     @property

@@ -203,7 +203,7 @@ class EngineWorker:
                 return total
             log.info("claimed %d frame(s) a previous engine left unacknowledged", len(msgs))
             self.stats.claimed += len(msgs)
-            self._process_safely(msgs)
+            self._process_safely(msgs, late=True)
             total += len(msgs)
 
     def step(self, max_wait_s: float | None = None) -> int:
@@ -254,9 +254,9 @@ class EngineWorker:
                 total += claimed
         return total
 
-    def _process_safely(self, msgs) -> None:
+    def _process_safely(self, msgs, late: bool = False) -> None:
         try:
-            self.process(msgs)
+            self.process(msgs, late=late)
         except _Abandoned:
             self.stats.abandoned += len(msgs)
             log.warning("stopping while results cannot be published: %d frame(s) left unacknowledged "
@@ -280,7 +280,9 @@ class EngineWorker:
                  "%d failed, %d claimed", s.frames, rate, s.flagged, s.escalated, s.events_started,
                  s.corrupt, s.failed, s.claimed)
 
-    def process(self, msgs) -> list[FrameResult]:
+    def process(self, msgs, late: bool = False) -> list[FrameResult]:
+        """Score, publish and ack a batch. late: frames claimed from a dead engine, which later
+        frames of their camera may already have passed, so they touch no per-camera state."""
         t_start, wall_start = time.perf_counter(), time.time()
         stages_before = dict(self.stats.stage_seconds)
         good, ack_now = [], []
@@ -295,7 +297,7 @@ class EngineWorker:
                 ack_now.append(m.id)
             else:
                 good.append(m)
-        results = self._score([m.frame for m in good]) if good else []
+        results = self._score([m.frame for m in good], late) if good else []
         self._publish(results, good)
         self.bus.ack(ack_now + [m.id for m in good])
         self.stats.batches += 1
@@ -306,7 +308,7 @@ class EngineWorker:
         self.metrics.observe_batch(len(good), stages, [max(0.0, wall_start - m.frame.capture_ts) for m in good])
         return results
 
-    def _score(self, frames: list[Frame]) -> list[tuple[FrameResult, bytes | None]]:
+    def _score(self, frames: list[Frame], late: bool = False) -> list[tuple[FrameResult, bytes | None]]:
         # Group by the backbone pass they can share: same extractor and same input geometry.
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, f in enumerate(frames):
@@ -318,8 +320,10 @@ class EngineWorker:
         for idx in groups.values():
             first = self.scenes[self.camera_scene[frames[idx[0]].camera]]
             t0 = time.perf_counter()
+            # Late frames find their predecessors in their own batch only, and leave the context alone.
             feats = first.model.features([frames[i].image for i in idx], first.model.bank_preprocess(first.bank),
-                                         streams=[frames[i].camera for i in idx], context=self._previous)
+                                         streams=[frames[i].camera for i in idx],
+                                         context={} if late else self._previous)
             self.stats.stage_seconds["backbone"] += time.perf_counter() - t0
             by_scene: dict[str, list[int]] = defaultdict(list)
             for j, i in enumerate(idx):
@@ -328,11 +332,11 @@ class EngineWorker:
                 scene = self.scenes[scene_name]
                 sel = torch.tensor(rows, device=feats.global_.device)
                 sub = Features(global_=feats.global_[sel], pyramid={k: v[sel] for k, v in feats.pyramid.items()})
-                for j, res in zip(rows, self._score_scene(scene, [frames[idx[r]] for r in rows], sub)):
+                for j, res in zip(rows, self._score_scene(scene, [frames[idx[r]] for r in rows], sub, late)):
                     out[idx[j]] = res
         return out
 
-    def _score_scene(self, scene: Scene, frames: list[Frame], feats: Features):
+    def _score_scene(self, scene: Scene, frames: list[Frame], feats: Features, late: bool = False):
         eng = self.config.engine
         th = scene.thresholds
         res = scene.model.score_features(feats, scene.bank, maps=eng.escalate, tau=th.gate_tau)
@@ -343,12 +347,13 @@ class EngineWorker:
         results = []
         for i, frame in enumerate(frames):
             amap = maps.get(i)
-            score, flagged = scene.scorer(frame.camera, float(res.image_scores[i]))
+            raw = float(res.image_scores[i])
+            score, flagged = scene.scorer.alone(raw) if late else scene.scorer(frame.camera, raw)
             result = FrameResult(
                 camera=frame.camera, run_id=frame.run_id, seq=frame.seq, source_ts=frame.source_ts,
                 capture_ts=frame.capture_ts, published_ts=None, scene=scene.name, image_score=score,
                 tau=th.tau, flagged=flagged, escalated=amap is not None,
-                max_pixel_score=None, theta=th.theta, anomalous_area=None, boxes=[], overlay_ref=None,
+                max_pixel_score=None, theta=th.theta, anomalous_area=None, boxes=[], overlay_ref=None, late=late,
             )
             overlay = None
             if amap is not None:
@@ -379,7 +384,8 @@ class EngineWorker:
                     tracker = self._tracker(result)
                     if self.publisher.publish_result(result, overlay):  # idempotent, so safe to retry
                         self.metrics.observe_result(result)
-                        events = tracker.update(result, result.overlay_ref)
+                        if not result.late:  # a late frame would reopen what its successors closed
+                            events = tracker.update(result, result.overlay_ref)
                     else:  # published before a crash: its events went out with it
                         self.stats.duplicates += 1
                         self.metrics.observe_duplicate(result.camera)

@@ -90,3 +90,33 @@ def test_a_redelivered_frame_is_published_and_counted_once(scene, worker):
     assert _value(FRAMES_PUBLISHED, "cam") - published == 1
     assert _value(FRAMES_DUPLICATE, "cam") - duplicates == 1
     assert engine.stats.duplicates == 1 and bus.pending() == 0
+
+
+def test_frames_claimed_late_do_not_disturb_the_camera_they_come_from(scene, scene_bank, tmp_path):
+    """Frames a dead engine held arrive after later ones: they are published, marked late, and
+    leave the temporal context, the smoothing and the events of their camera as they were."""
+    frames = list(iter_video_frames(scene.test_videos[0]))[:12]
+
+    def run(folder, with_late: bool) -> list[dict]:
+        folder.mkdir()
+        engine, bus, out = _make_worker(scene_bank, folder)
+        make = lambda seq: Frame(camera="cam", seq=seq, source_ts=seq / 5, capture_ts=time.time(),
+                                 image=frames[seq], run_id="r" * 32)
+        for seq in (0, 1, 2, 3, 8, 9):  # 4-7 were held by a dead engine
+            bus.put(make(seq), live=False)
+            engine.process(bus.get_batch(4, 1.0))
+        if with_late:
+            for seq in (4, 5, 6, 7):
+                bus.put(make(seq), live=False)
+            engine.process(bus.get_batch(4, 1.0), late=True)
+        bus.put(make(10), live=False)
+        engine.process(bus.get_batch(4, 1.0))
+        engine.publisher.close()
+        return [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+
+    plain, claimed = run(tmp_path / "a", False), run(tmp_path / "b", True)
+    late = [r for r in claimed if r["late"]]
+    assert sorted(r["seq"] for r in late) == [4, 5, 6, 7]
+    assert not any(r["late"] for r in plain)
+    after = lambda results: next(r for r in results if r["seq"] == 10)
+    assert after(claimed)["image_score"] == pytest.approx(after(plain)["image_score"], rel=1e-6)
