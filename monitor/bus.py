@@ -586,12 +586,27 @@ class RedisFrameBus:
                                  len(reply[2]), stream)
                     if _text(cursor) == "0-0":
                         break
+                self._forget_idle_consumers(stream, min_idle_s)
             return out
 
         try:
             return self._call(claim, budget_s=0)
         except (_GaveUp, BusClosed):
             return []
+
+    def _forget_idle_consumers(self, stream: str, min_idle_s: float) -> None:
+        """Remove consumers of the group that hold nothing and were idle that long (dead engines):
+        a live one that happens to match is recreated by its next read, with nothing lost."""
+        try:
+            consumers = self._redis.xinfo_consumers(stream, self.group)
+        except redis.ResponseError:
+            return  # no group yet
+        for consumer in consumers:
+            name = _text(consumer["name"])
+            if name != self.consumer and int(consumer["pending"]) == 0 and \
+                    int(consumer["idle"]) >= min_idle_s * 1000:
+                self._redis.xgroup_delconsumer(stream, self.group, name)
+                log.info("frame bus: removed consumer %s of %s, idle with nothing pending", name, stream)
 
     def pending(self) -> int:
         """Sum of XLEN: acked entries are deleted, so a stream holds only waiting + delivered-not-acked."""

@@ -209,6 +209,7 @@ def test_claim_stale_takes_over_a_dead_consumers_frames(redis_server):
 
     heir = redis_bus(redis_server, cameras=["a"], consumer="heir")
     assert heir.claim_stale(min_idle_s=30.0) == []  # not idle long enough yet
+    assert "dying" in {c["name"].decode() for c in heir._redis.xinfo_consumers("frames:a", "engine")}
     time.sleep(0.3)
     claimed = heir.claim_stale(min_idle_s=0.2)
     assert seqs(claimed) == [0, 1, 2]
@@ -216,6 +217,8 @@ def test_claim_stale_takes_over_a_dead_consumers_frames(redis_server):
     assert seqs(rest) == [3, 4]
     heir.ack([m.id for m in claimed + rest])
     assert heir.pending() == 0
+    # The dead engine, its frames taken over, has left the group: no stale consumer lingers.
+    assert {c["name"].decode() for c in heir._redis.xinfo_consumers("frames:a", "engine")} == {"heir"}
     assert InProcessBus().claim_stale(0.0) == []
     producer.close()
     heir.close()
