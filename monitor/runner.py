@@ -186,21 +186,35 @@ class StatusRelay:
 
     MAX_QUEUED = 200
     RETRY_S = 2.0
+    # Each camera's current status is published again this often, and after an outage, so a
+    # Redis that lost its data (restarted without persistence) gets it back.
+    REFRESH_S = 60.0
 
     def __init__(self, publisher):
         self.publisher = publisher
         self._queue: deque[tuple[str, str, str]] = deque(maxlen=self.MAX_QUEUED)
+        self._current: dict[str, tuple[str, str, str]] = {}
         self._lock = threading.Lock()
         self._failing = False
         self._retry_at = 0.0
+        self._refresh_at = time.monotonic() + self.REFRESH_S
 
     def __call__(self, camera: str, status: str, detail: str) -> None:
         with self._lock:
             self._queue.append((camera, status, detail))
+            self._current[camera] = (camera, status, detail)
+
+    def _requeue_current(self) -> None:
+        with self._lock:
+            queued = {item[0] for item in self._queue}
+            self._queue.extend(item for cam, item in self._current.items() if cam not in queued)
+        self._refresh_at = time.monotonic() + self.REFRESH_S
 
     def flush(self, force: bool = False) -> None:
         if self._failing and not force and time.monotonic() < self._retry_at:
             return
+        if time.monotonic() >= self._refresh_at:
+            self._requeue_current()
         while True:
             with self._lock:
                 if not self._queue:
@@ -220,6 +234,7 @@ class StatusRelay:
             if self._failing:
                 self._failing = False
                 log.info("camera status publishing resumed")
+                self._requeue_current()  # the sink may have lost what it had
 
 
 # ---------------------------------------------------------------- ingest

@@ -309,3 +309,23 @@ def test_a_long_running_folder_publisher_keeps_bounded_memory(tmp_path, monkeypa
     pub.close()
     assert (tmp_path / "timeline_cam.png").is_file()
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1000
+
+
+def test_camera_status_comes_back_after_redis_loses_its_data(redis_server, monkeypatch):
+    """A Redis restarted without its data (or flushed) gets each camera's current status again."""
+    from monitor.runner import StatusRelay
+
+    monkeypatch.setattr(StatusRelay, "REFRESH_S", 0.2)
+    relay = StatusRelay(RedisPublisher(redis_server.url))
+    relay("cam1", "offline", "connection refused")
+    relay("cam1", "online", "")
+    relay("cam2", "online", "")
+    relay.flush()
+    r = client(redis_server.url)
+    assert [e[b"status"] for _, e in r.xrange("status:cam1")] == [b"offline", b"online"]
+    r.flushall()
+    time.sleep(0.3)
+    relay.flush()
+    assert [e[b"status"] for _, e in r.xrange("status:cam1")] == [b"online"]  # the current one only
+    assert [e[b"status"] for _, e in r.xrange("status:cam2")] == [b"online"]
+    relay.publisher.close()
