@@ -151,6 +151,8 @@ class RedisConfig:
     password_env: Optional[str] = None  # name of the environment variable holding the password
     stream_maxlen: int = field(default=10000, metadata=_at_least(1))
     overlay_ttl_s: int = field(default=3600, metadata=_at_least(1))
+    # Newest overlays kept per camera: at about 15 KB each, 500 bound a camera to about 7 MB.
+    overlays_per_camera: int = field(default=500, metadata=_at_least(1))
 
     def connection_url(self) -> str:
         """The URL to connect with: the password from password_env inserted when it is set."""
@@ -167,7 +169,8 @@ class RedisConfig:
 
     def __repr__(self) -> str:
         return (f"RedisConfig(url={redact_url(self.url)!r}, password_env={self.password_env!r}, "
-                f"stream_maxlen={self.stream_maxlen!r}, overlay_ttl_s={self.overlay_ttl_s!r})")
+                f"stream_maxlen={self.stream_maxlen!r}, overlay_ttl_s={self.overlay_ttl_s!r}, "
+                f"overlays_per_camera={self.overlays_per_camera!r})")
 
 
 @dataclass

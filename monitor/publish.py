@@ -75,16 +75,23 @@ def _check_name(camera: str) -> None:
 # Dedupe guard and publication in one atomic step: a re-processed frame (engine
 # crashed before its ack) finds the guard set and adds nothing. A MULTI cannot
 # branch on SET NX's answer, hence a script.
-#   KEYS: dedupe, results stream, [overlay]    ARGV: dedupe ttl, maxlen, overlay ttl, jpeg, field, value, ...
+# Overlays of a camera are also listed, oldest first, so that only the newest few are kept.
+#   KEYS: dedupe, results stream, [overlay, overlay list]
+#   ARGV: dedupe ttl, maxlen, overlay ttl, jpeg, overlays kept per camera, field, value, ...
 _PUBLISH_RESULT_LUA = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   return false
 end
-if #KEYS >= 3 then
+if #KEYS >= 4 then
   redis.call('SETEX', KEYS[3], ARGV[3], ARGV[4])
+  redis.call('RPUSH', KEYS[4], KEYS[3])
+  while redis.call('LLEN', KEYS[4]) > tonumber(ARGV[5]) do
+    redis.call('DEL', redis.call('LPOP', KEYS[4]))
+  end
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
 end
 local cmd = {'XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*'}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   cmd[#cmd + 1] = ARGV[i]
 end
 return redis.call(unpack(cmd))
@@ -99,7 +106,8 @@ class RedisPublisher:
     """
 
     def __init__(self, url: str, *, stream_maxlen: int = 10000, overlay_ttl_s: int = 3600,
-                 dedupe_ttl_s: int = 3600, connect_timeout_s: float = 2.0, op_timeout_s: float = 5.0):
+                 overlays_per_camera: int = 500, dedupe_ttl_s: int = 3600, connect_timeout_s: float = 2.0,
+                 op_timeout_s: float = 5.0):
         import redis
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
@@ -108,6 +116,7 @@ class RedisPublisher:
         self._password = urlsplit(url).password if "@" in url else None
         self.stream_maxlen = int(stream_maxlen)
         self.overlay_ttl_s = int(overlay_ttl_s)
+        self.overlays_per_camera = int(overlays_per_camera)
         self.dedupe_ttl_s = int(dedupe_ttl_s)
         try:
             # Few, short retries: the caller keeps the frame unacked and retries anyway,
@@ -129,10 +138,11 @@ class RedisPublisher:
         tag = f"{camera}:{result.run_id}:{result.seq}"
         keys = [f"dedupe:{tag}", f"results:{camera}"]
         if overlay_jpeg is not None:
-            keys.append(f"overlay:{tag}")
+            keys += [f"overlay:{tag}", f"overlays:{camera}"]
             result.overlay_ref = keys[2]
         result.published_ts = time.time()
-        args: list = [self.dedupe_ttl_s, self.stream_maxlen, self.overlay_ttl_s, overlay_jpeg or b""]
+        args: list = [self.dedupe_ttl_s, self.stream_maxlen, self.overlay_ttl_s, overlay_jpeg or b"",
+                      self.overlays_per_camera]
         for name, value in result.to_fields().items():
             args.extend((name, value))
         try:

@@ -146,7 +146,7 @@ def build_publisher(config: MonitorConfig, *, results: bool = True):
     if uses_redis_publisher(config):
         red = config.redis
         sinks.append(RedisPublisher(red.connection_url(), stream_maxlen=red.stream_maxlen,
-                                    overlay_ttl_s=red.overlay_ttl_s))
+                                    overlay_ttl_s=red.overlay_ttl_s, overlays_per_camera=red.overlays_per_camera))
     if config.outputs.dir:
         sinks.append(DirectoryPublisher(config.outputs.dir) if results else StatusFile(config.outputs.dir))
     if not sinks:

@@ -329,3 +329,17 @@ def test_camera_status_comes_back_after_redis_loses_its_data(redis_server, monke
     assert [e[b"status"] for _, e in r.xrange("status:cam1")] == [b"online"]  # the current one only
     assert [e[b"status"] for _, e in r.xrange("status:cam2")] == [b"online"]
     relay.publisher.close()
+
+
+def test_only_the_newest_overlays_of_a_camera_are_kept(redis_server):
+    """Overlays are budgeted per camera, so busy cameras cannot fill Redis within their TTL."""
+    pub = RedisPublisher(redis_server.url, overlays_per_camera=3)
+    for seq in range(10):
+        pub.publish_result(make_result(seq=seq), small_jpeg())
+    pub.publish_result(make_result(seq=0, camera="cam2"), small_jpeg())
+    r = client(redis_server.url)
+    kept = sorted(k.decode() for k in r.keys("overlay:cam1:*"))
+    assert kept == [f"overlay:cam1:{RUN}:{seq}" for seq in (7, 8, 9)]
+    assert r.exists(f"overlay:cam2:{RUN}:0")
+    assert r.xlen("results:cam1") == 10  # results keep their overlay_ref; the image may have gone
+    pub.close()
