@@ -31,8 +31,8 @@ def test_temporal_channels_do_not_depend_on_batch_boundaries(camera):
 def test_first_frame_of_a_stream_has_no_change_and_streams_do_not_mix(camera):
     fr, pp = frames(2), Preprocess.full_frame(64, 96)
     feats = camera.features(fr, pp, streams=["cam1", "cam2"], context={})
-    c = 40  # EfficientNet-Lite0 s8 channels; the change channels follow them
-    assert feats.pyramid["s8"].shape[1] == 2 * c
+    c = 40  # EfficientNet-Lite0 s8 channels; the change channels, then the 2 motion channels follow
+    assert feats.pyramid["s8"].shape[1] == 2 * c + 2
     assert feats.pyramid["s8"][:, c:].abs().max() == 0  # two streams: each frame is a first frame
     same = camera.features(fr, pp, streams=["cam1", "cam1"], context={})
     assert same.pyramid["s8"][1, c:].abs().max() > 0
