@@ -224,6 +224,20 @@ class RedisPublisher:
                             f"{self._scrub(str(exc))}); check that redis is running and reachable")
 
 
+def _json_lines(path: Path) -> Iterable[dict]:
+    """The JSON objects of a JSON Lines file, skipping a line an interrupted run left truncated."""
+    if not path.is_file():
+        return
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
 class RecentKeys:
     """Membership of the last `maxlen` keys added: a dedupe window of bounded size."""
 
@@ -343,32 +357,22 @@ class DirectoryPublisher:
         samples.append((run_id, seq, score, flagged, tau))
 
     def _load_last_events(self, path: Path) -> None:
-        if not path.is_file():
-            return
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                    self._last_event[str(record["camera"])] = record
-                except (ValueError, KeyError, TypeError):
-                    continue  # a truncated last line from an interrupted run
+        for record in _json_lines(path):
+            if "camera" in record:
+                self._last_event[str(record["camera"])] = record
 
     def _load_existing(self, path: Path) -> None:
-        if not path.is_file():
-            return
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    rec = json.loads(line)
-                    key = (rec["camera"], rec["run_id"], int(rec["seq"]))
-                    score = rec["image_score"]
-                    sample = (float("nan") if score is None else float(score), bool(rec["flagged"]),
-                              float("nan") if rec["tau"] is None else float(rec["tau"]))
-                except (ValueError, KeyError, TypeError):
-                    continue  # a truncated last line from an interrupted run
-                if key not in self._seen:
-                    self._seen.add(key)
-                    self._remember(key[0], key[1], key[2], *sample)
+        for rec in _json_lines(path):
+            try:
+                key = (rec["camera"], rec["run_id"], int(rec["seq"]))
+                score = rec["image_score"]
+                sample = (float("nan") if score is None else float(score), bool(rec["flagged"]),
+                          float("nan") if rec["tau"] is None else float(rec["tau"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+            if key not in self._seen:
+                self._seen.add(key)
+                self._remember(key[0], key[1], key[2], *sample)
 
     def _save_timeline(self, camera: str, samples: Sequence[tuple[str, int, float, bool, float]]) -> None:
         if not samples:
