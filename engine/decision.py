@@ -72,9 +72,7 @@ class FrameScorer:
 
     def __call__(self, stream, raw: float) -> tuple[float, bool]:
         """(smoothed score, flagged) of the stream's next frame; raw is NaN when not escalated."""
-        if self.map_scored and math.isnan(raw):
-            raw = self.thresholds.normal_score  # below the gate: normal by construction
-        score = self._mean(stream, raw)
+        score = self._mean(stream, self._image_score(raw))
         return score, score > self.thresholds.tau
 
     def restart(self, stream) -> None:
@@ -82,6 +80,10 @@ class FrameScorer:
 
     def alone(self, raw: float) -> tuple[float, bool]:
         """(score, flagged) of a frame scored out of its stream's order (no smoothing, no state)."""
+        score = self._image_score(raw)
+        return score, score > self.thresholds.tau
+
+    def _image_score(self, raw: float) -> float:
         if self.map_scored and math.isnan(raw):
-            raw = self.thresholds.normal_score
-        return raw, raw > self.thresholds.tau
+            return self.thresholds.normal_score  # below the gate: normal by construction
+        return float(raw)

@@ -133,7 +133,7 @@ class ScoreResult:
     neighbours: np.ndarray  # (B, K) bank indices, nearest first
     maps: np.ndarray | None = None  # (B, H, W) at the model input size, None where not computed
     map_rows: list[int] = field(default_factory=list)  # which frames of the batch have maps
-    gate_scores: np.ndarray | None = None  # (B,) what the gate compares with gate_tau
+    gate_scores: np.ndarray | None = None  # (B,) what the gate compares with gate_tau; None for maps="none"
     gate_seconds: float = 0.0  # kNN and gate, for the service's stage metrics
     match_seconds: float = 0.0  # pixel matching of the escalated frames
 
@@ -181,8 +181,11 @@ def score_features(config: SpadeConfig, feats: Features, bank: ReferenceBank, ma
         idx = candidates.to(idx.device)[idx]
     dn2 = d2[:, : c.k_image].mean(1)
     batch = dn2.shape[0]
-    gate = dn2 if c.gate == "dn2" else coarse_gate_scores(feats.pyramid, bank.pyramid, idx, c.levels[-1],
-                                                          search_dtype)
+    gate = None  # maps="none" decides no escalation, so a coarse gate's cost is not paid
+    if c.gate == "dn2":
+        gate = dn2
+    elif maps != "none":
+        gate = coarse_gate_scores(feats.pyramid, bank.pyramid, idx, c.levels[-1], search_dtype)
     if maps == "all":
         rows = list(range(batch))
     elif maps == "flagged":
@@ -206,7 +209,7 @@ def score_features(config: SpadeConfig, feats: Features, bank: ReferenceBank, ma
             image_scores[rows] = map_image_scores(out_maps, c)
     return ScoreResult(image_scores=image_scores, dn2_scores=dn2.cpu().numpy(),
                        neighbours=idx.cpu().numpy(), maps=out_maps, map_rows=rows,
-                       gate_scores=gate.float().cpu().numpy(), gate_seconds=t1 - t0, match_seconds=t2 - t1)
+                       gate_scores=None if gate is None else gate.float().cpu().numpy(), gate_seconds=t1 - t0, match_seconds=t2 - t1)
 
 
 class Spade:
@@ -424,7 +427,7 @@ class Spade:
 
     def iter_scores(self, frames: Iterable[np.ndarray], bank: ReferenceBank, maps: str = "all",
                     bgr: bool = False) -> Iterator[tuple[np.ndarray, float, np.ndarray | None, float]]:
-        """(frame, raw image score, map or None, gate score) for each frame of one stream."""
+        """(frame, raw image score, map or None, gate score or NaN) for each frame of one stream."""
         batch: list[np.ndarray] = []
         context: dict = {}
 
@@ -432,7 +435,8 @@ class Spade:
             res = self.score(batch, bank, maps=maps, bgr=bgr, streams=[0] * len(batch), context=context)
             map_of = dict(zip(res.map_rows, res.maps if res.maps is not None else []))
             for i, f in enumerate(batch):
-                yield f, float(res.image_scores[i]), map_of.get(i), float(res.gate_scores[i])
+                gate = float("nan") if res.gate_scores is None else float(res.gate_scores[i])
+                yield f, float(res.image_scores[i]), map_of.get(i), gate
             batch.clear()
 
         for frame in frames:
