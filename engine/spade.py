@@ -51,9 +51,11 @@ class SpadeConfig:
     motion_weight: float = 0.0
     image_quantile: float = 0.99  # tau = this quantile of held-out normal image scores
     gate_quantile: float = 0.9  # gate_tau for map scores: the gate-score quantile that escalates
-    # "dn2": global-feature kNN; "coarse": peak of the deepest level's cell distances to the
-    # nearest frame, which small objects move where they hardly move a global feature.
+    # "dn2": global-feature kNN; "coarse": the deepest level's cell distances to the nearest
+    # frame, which small objects move where they hardly move a global feature.
     gate: str = "dn2"
+    # The coarse gate's score: mean of this fraction of the largest cell distances (0 = the peak).
+    gate_top_fraction: float = 0.0
     pixel_quantile: float = 0.999  # theta = this quantile of held-out normal pixel scores
     max_frames: int = 5000
     subsample: str = "uniform"  # or "kcenter"
@@ -80,6 +82,8 @@ class SpadeConfig:
                 raise ConfigError(f"levels: '{level}' is not one of s4, s8, s16, s32")
         if not 0 < self.top_fraction <= 1:
             raise ConfigError(f"top_fraction: {self.top_fraction} is not in (0, 1]")
+        if not 0 <= self.gate_top_fraction <= 1:
+            raise ConfigError(f"gate_top_fraction: {self.gate_top_fraction} is not in [0, 1]")
         if min(self.k_image, self.k_pixel, self.max_frames, self.batch_size, self.temporal_window) < 1:
             raise ConfigError("k_image, k_pixel, max_frames, batch_size and temporal_window must be >= 1")
 
@@ -111,7 +115,7 @@ PRESETS: dict[str, SpadeConfig] = {
     # map's top 1%, smoothed over frames. Chosen on held-out halves of the dev clips (README).
     "camera": SpadeConfig(geometry="full", levels=("s8", "s16"), k_image=10, k_pixel=10,
                           image_score="map_top", temporal_window=5, temporal_diff=1.0, motion_weight=32.0,
-                          gate="coarse"),
+                          gate="coarse", gate_top_fraction=0.1),
     # Inspection images (MVTec layout): the paper's crop, deeper levels for large diffuse defects,
     # image score = mean of the map's top 5% (chosen on held-out defect types, README).
     "inspection": SpadeConfig(geometry="crop", levels=("s8", "s16", "s32"), k_image=10, k_pixel=10,
@@ -138,25 +142,34 @@ class ScoreResult:
     match_seconds: float = 0.0  # pixel matching of the escalated frames
 
 
+def top_count(fraction: float, n: int) -> int:
+    """How many of n values "the top `fraction`" means: at least one (fraction 0 = the peak)."""
+    return max(1, int(round(fraction * n)))
+
+
 def map_image_scores(maps: np.ndarray, config: SpadeConfig) -> np.ndarray:
     """(B,) image scores of (B, H, W) anomaly maps: their peak, or the mean of their top pixels."""
     flat = maps.reshape(len(maps), -1)
     if config.image_score == "map_max":
         return flat.max(1)
-    k = max(1, int(round(config.top_fraction * flat.shape[1])))
+    k = top_count(config.top_fraction, flat.shape[1])
     return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(1)
 
 
 def coarse_gate_scores(query_pyramid: dict, bank_pyramid: dict, neighbours: torch.Tensor,
-                       level: str, search_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Peak distance of each frame's `level` cells to the cells of its nearest reference frame.
+                       level: str, top_fraction: float = 0.0,
+                       search_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean of the largest distances of each frame's `level` cells (the top `top_fraction`; 0 =
+    the peak) to the cells of its nearest reference frame.
 
-    At stride 16 this costs a few percent of full pixel matching.
+    At stride 16 this costs a few percent of full pixel matching. A mean over an area lets a
+    frame through on a moving object rather than on its single most unusual cell, which any
+    walker can supply.
     """
     q = query_pyramid[level]
     maps = anomaly_maps({level: q}, bank_pyramid, neighbours[:, :1], tuple(q.shape[2:]), sigma=0.0,
-                        search_dtype=search_dtype)
-    return maps.flatten(1).max(1).values
+                        search_dtype=search_dtype).flatten(1)
+    return maps.topk(top_count(top_fraction, maps.shape[1]), dim=1).values.mean(1)
 
 
 def score_features(config: SpadeConfig, feats: Features, bank: ReferenceBank, maps: str = "flagged",
@@ -185,7 +198,7 @@ def score_features(config: SpadeConfig, feats: Features, bank: ReferenceBank, ma
     if c.gate == "dn2":
         gate = dn2
     elif maps != "none":
-        gate = coarse_gate_scores(feats.pyramid, bank.pyramid, idx, c.levels[-1], search_dtype)
+        gate = coarse_gate_scores(feats.pyramid, bank.pyramid, idx, c.levels[-1], c.gate_top_fraction, search_dtype)
     if maps == "all":
         rows = list(range(batch))
     elif maps == "flagged":

@@ -339,23 +339,14 @@ def gate_scores(model, bank, frames: list[np.ndarray], batch: int) -> np.ndarray
     """The engine's escalation score of each frame of one camera, in order (see Spade.score_features)."""
     import torch
 
-    from engine.gate import knn
-    from engine.spade import coarse_gate_scores
-
-    c = model.config
     prep = model.bank_preprocess(bank)
-    k = max(c.k_image, c.k_pixel)
     context: dict = {}
     out = []
     for start in range(0, len(frames), batch):
         chunk = frames[start : start + batch]
         feats = model.features(chunk, prep, streams=["cam"] * len(chunk), context=context)
-        d2, idx = knn(feats.global_, bank.global_feats, k)
-        if c.gate == "dn2":
-            gate = d2[:, : c.k_image].mean(1)
-        else:
-            gate = coarse_gate_scores(feats.pyramid, bank.pyramid, idx, c.levels[-1], **_search(model))
-        out.append(gate.float().cpu())
+        res = model.score_features(feats, bank, maps="flagged", tau=float("inf"))  # the gate alone
+        out.append(torch.from_numpy(res.gate_scores))
     return torch.cat(out).numpy()
 
 
@@ -419,7 +410,7 @@ def bench_gate(model, bank, frames, plan: Plan, device, max_batch: int, backbone
 
     _, idx = knn(query, dev_bank.global_feats, k)
     level = c.levels[-1]
-    coarse_s = time_call(lambda: coarse_gate_scores(feats.pyramid, dev_bank.pyramid, idx, level, **_search(model)),
+    coarse_s = time_call(lambda: coarse_gate_scores(feats.pyramid, dev_bank.pyramid, idx, level, c.gate_top_fraction, **_search(model)),
                          device, plan.min_time_s / 2)
     out["coarse_gate_ms"] = 1000 * coarse_s
     out["coarse_gate_level"] = c.levels[-1]

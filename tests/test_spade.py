@@ -52,10 +52,28 @@ def test_gate_escalates_only_frames_above_tau(camera):
     assert res.map_rows == [0, 1, 2] and res.maps.shape == (3, 64, 96)
 
 
+def test_coarse_gate_with_a_top_fraction_ranks_a_moving_area_above_one_odd_cell():
+    from engine.spade import coarse_gate_scores
+
+    # One reference frame of 10 x 10 cells, all alike; queries: one cell far off (a walker in an
+    # odd pose) and a 3 x 4 patch moderately off (a cyclist).
+    bank = {"s16": torch.zeros(1, 4, 10, 10)}
+    odd_cell, area = torch.zeros(2, 4, 10, 10)
+    odd_cell[0, 2, 2] = 10.0
+    area[0, 4:7, 4:8] = 4.0
+    query = {"s16": torch.stack([odd_cell, area])}
+    nearest = torch.zeros(2, 1, dtype=torch.long)
+    peak = coarse_gate_scores(query, bank, nearest, "s16", top_fraction=0.0)
+    top = coarse_gate_scores(query, bank, nearest, "s16", top_fraction=0.1)
+    assert peak.tolist() == pytest.approx([10.0, 4.0], abs=1e-3)
+    assert top.tolist() == pytest.approx([1.0, 4.0], abs=1e-3)  # 10 of 100 cells: mean of (10, 0 x 9) and of 4s
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(levels=("s3",)), "levels"),
     (dict(geometry="stretch"), "geometry"),
     (dict(k_image=0), "k_image"),
+    (dict(gate_top_fraction=1.5), "gate_top_fraction"),
 ])
 def test_invalid_settings_name_the_setting(bad, message):
     with pytest.raises(ConfigError, match=message):
