@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STREAM_PREFIX = "frames:"
-ENGINE_BEHIND = "engine_behind"  # drop reason: the camera's buffer was full
+ENGINE_BEHIND = "engine_behind"  # drop reason: the camera's buffer was full, or its frames too old
 REDIS_DOWN = "redis_down"  # drop reason: Redis unreachable for a live frame
 
 BACKOFF_START_S = 0.2
@@ -47,6 +47,49 @@ DISCOVER_EMPTY_EVERY_S = 0.25  # scan more often while no camera stream is known
 REPLAY_POLL_START_S = 0.01
 REPLAY_POLL_MAX_S = 0.1
 CLAIM_PAGE = 100
+GROUP_LOSS_LOOKBACK_S = 30.0  # a vanished group (FLUSHALL...) is noticed within this long
+DEFAULT_MAX_AGE_S = 10.0  # a live frame waiting longer than this is shed: results stay near real time
+
+# A live frame's XADD. Sheds, oldest first, frames no engine has been given yet (ids after the
+# group's last-delivered-id) that are older than the age limit or beyond max_len, so a frame an
+# engine is working on is never removed and every shed frame is a frame without a result. Then
+# adds the new frame, stamped with its run's dropped-so-far count (monitor/ledger.py).
+# KEYS[1] stream; ARGV: group, max_len, max_age_ms, run id, dropped before, then field, value...
+# Returns {new id, frames shed, of them this run's}.
+_LIVE_PUT = """
+local stream, group, run = KEYS[1], ARGV[1], ARGV[4]
+local max_len, max_age_ms, dropped = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
+local last, pending = '0-0', 0
+if redis.call('EXISTS', stream) == 1 then
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == group then last, pending = info['last-delivered-id'], info['pending'] end
+  end
+end
+local waiting = redis.call('XLEN', stream) - pending
+local shed, same = 0, 0
+if waiting > 0 then
+  local t = redis.call('TIME')
+  local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - max_age_ms
+  local old = redis.call('XRANGE', stream, '(' .. last, tostring(cutoff), 'COUNT', waiting)
+  if #old < waiting + 1 - max_len then
+    old = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', waiting + 1 - max_len)
+  end
+  for i = 1, #old, 500 do
+    local ids = {}
+    for j = i, math.min(i + 499, #old) do
+      ids[#ids + 1] = old[j][1]
+      local f = old[j][2]
+      for k = 1, #f, 2 do if f[k] == 'run' and f[k + 1] == run then same = same + 1 end end
+    end
+    shed = shed + redis.call('XDEL', stream, unpack(ids))
+  end
+end
+local args = {'XADD', stream, '*', 'dropped', tostring(dropped + same)}
+for i = 6, #ARGV do args[#args + 1] = ARGV[i] end
+return {redis.call(unpack(args)), shed, same}
+"""
 
 
 class BusClosed(SpadeError):
@@ -62,6 +105,21 @@ class BusMessage:
     id: str  # opaque: '<camera>/<entry id>' for Redis (entry ids are unique per stream only), a counter in-process
     frame: Frame | None  # None if the entry was corrupt; then `error` says why, in one line
     error: str | None = None
+
+
+class RunDrops:
+    """How many frames of each camera's current ingest run a bus dropped: stamped on the run's
+    next frame (Frame.dropped_before), so the engine can tell a counted drop from a lost frame."""
+
+    def __init__(self):
+        self._runs: dict[str, tuple[str, int]] = {}
+
+    def add(self, frame: Frame, n: int = 1) -> None:
+        self._runs[frame.camera] = (frame.run_id, self.of(frame) + n)
+
+    def of(self, frame: Frame) -> int:
+        run, count = self._runs.get(frame.camera, (frame.run_id, 0))
+        return count if run == frame.run_id else 0
 
 
 @dataclass
@@ -97,6 +155,8 @@ class BusStats:
 
 class FrameBus(Protocol):
     stats: BusStats
+    data_losses: int  # times the bus saw its store lose data (monitor/ledger.py)
+    intact_until: float  # time.monotonic() before which the last such loss had not happened
 
     def put(self, frame: Frame, *, live: bool) -> None:
         """live=True: never block, drop the camera's oldest frame when full. live=False: block, never drop."""
@@ -126,9 +186,13 @@ def _check_max_len(max_len: int) -> int:
 class InProcessBus:
     """Thread-safe in-memory bus: per-camera deques guarded by one Condition. Frames are not copied."""
 
-    def __init__(self, max_len: int = 256):
+    def __init__(self, max_len: int = 256, max_age_s: float = DEFAULT_MAX_AGE_S):
         self.max_len = _check_max_len(max_len)
+        self.max_age_s = float(max_age_s)
+        self.data_losses = 0  # memory cannot lose what the process holds
+        self.intact_until = 0.0
         self.stats = BusStats()
+        self._run_drops = RunDrops()
         self._cond = threading.Condition()
         self._queues: dict[str, deque[BusMessage]] = {}
         self._inflight: dict[str, BusMessage] = {}
@@ -141,10 +205,14 @@ class InProcessBus:
             if self._closed:
                 raise BusClosed("frame bus is closed")
             queue = self._queues.setdefault(frame.camera, deque())
-            if live:
-                if len(queue) >= self.max_len:
-                    queue.popleft()
+            if live:  # shed the oldest waiting frames: too many, or too old to matter live
+                too_old = frame.capture_ts - self.max_age_s
+                while queue and (len(queue) >= self.max_len or queue[0].frame.capture_ts < too_old):
+                    shed = queue.popleft().frame
                     self.stats.count_drop(frame.camera, ENGINE_BEHIND)
+                    if shed.run_id == frame.run_id:
+                        self._run_drops.add(frame)
+                frame.dropped_before = self._run_drops.of(frame)
             else:
                 while len(queue) >= self.max_len and not self._closed:
                     self._cond.wait()
@@ -236,23 +304,22 @@ class RedisFrameBus:
     """One Redis stream per camera, consumed through a consumer group.
 
     Acked entries are deleted (XACK + XDEL), so a stream holds only frames not yet done: XLEN is the
-    camera's backlog (waiting + delivered-not-acked), and a live MAXLEN trim only ever removes
-    unfinished frames, which is what counts as a drop.
-
-    Live drops are counted by XLEN before/after each XADD (in one MULTI). MAXLEN ~ lets Redis trim only
-    whole stream nodes (100 entries by default), so a camera buffers between max_len and about
-    max_len + 100 frames, and drops come in chunks; a trimmed frame may already have been delivered
-    (it is then lost only if its consumer dies). Drops are counted by the producer's bus object.
+    camera's backlog (waiting + delivered-not-acked). A live put sheds, in the same script, the
+    oldest frames not yet delivered to any engine beyond max_len waiting or max_age_s old
+    (_LIVE_PUT): each is a frame that will have no result, counted as engine_behind by the
+    producer's bus object. Delivered frames are never shed, so what an engine works on is published.
     """
 
     def __init__(self, url: str, *, group: str = "engine", consumer: str | None = None, max_len: int = 256,
-                 codec: str = "jpeg", jpeg_quality: int = 90, cameras: list[str] | None = None):
+                 max_age_s: float = DEFAULT_MAX_AGE_S, codec: str = "jpeg", jpeg_quality: int = 90,
+                 cameras: list[str] | None = None):
         if codec not in ("jpeg", "raw"):
             raise ConfigError(f"frame bus codec must be 'jpeg' or 'raw', got {codec!r}")
         for camera in cameras or []:
             if not NAME_RE.match(camera):
                 raise ConfigError(f"camera id {camera!r} is not a valid name (letters, digits, _ . -)")
         self.max_len = _check_max_len(max_len)
+        self.max_age_s = float(max_age_s)
         self.group = group
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.codec = codec
@@ -263,10 +330,16 @@ class RedisFrameBus:
         # No client-side retries: our own helper owns backoff and the live-put time budget.
         self._redis = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=1.0,
                                            retry=Retry(NoBackoff(), 0), protocol=2)
+        self._live_put = self._redis.register_script(_LIVE_PUT)
+        self._run_drops = RunDrops()
         self._fixed_cameras = list(cameras) if cameras is not None else None
         self._known: dict[str, None] = {}  # discovered or produced stream names, insertion-ordered
         self._next_scan = 0.0
         self._grouped: set[str] = set()  # streams whose group exists, as far as we know
+        self._ever_grouped: set[str] = set()  # streams whose group existed once: recreating it means lost data
+        self._server_id: str | None = None  # Redis's run_id: a new one means a restart
+        self.data_losses = 0  # times Redis was seen to have lost data (a restart, a lost group)
+        self.intact_until = 0.0  # time.monotonic() before which the last loss had not happened
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._down = False
@@ -319,6 +392,22 @@ class RedisFrameBus:
                 was_down, self._down = self._down, False
             if was_down:
                 log.info("frame bus: Redis at %s reachable again", self.url_for_logs)
+                self._check_server()
+
+    def _check_server(self) -> None:
+        """Note a Redis restart: whatever it held since its last save may be gone."""
+        try:
+            info = self._redis.info("server")
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            return
+        server_id = info.get("run_id")
+        if self._server_id is not None and server_id != self._server_id:
+            self._note_loss(float(info.get("uptime_in_seconds", 0)) + 1.0)
+        self._server_id = server_id
+
+    def _note_loss(self, ago_s: float) -> None:
+        self.intact_until = time.monotonic() - ago_s
+        self.data_losses += 1
 
     # ---- streams and groups -------------------------------------------------------------------------
 
@@ -332,6 +421,8 @@ class RedisFrameBus:
             missing = [s for s in streams if s not in self._grouped]
         if not missing:
             return
+        if self._server_id is None:
+            self._check_server()
         pipe = self._redis.pipeline(transaction=False)
         for stream in missing:
             pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
@@ -340,8 +431,12 @@ class RedisFrameBus:
                 raise result
             if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
                 raise result
+            if result is True and stream in self._ever_grouped:
+                # The group we had is gone, and so is what the stream held, since some time ago.
+                self._note_loss(GROUP_LOSS_LOOKBACK_S)
         with self._lock:
             self._grouped.update(missing)
+            self._ever_grouped.update(missing)
 
     def _forget_groups(self) -> None:
         with self._lock:
@@ -375,31 +470,33 @@ class RedisFrameBus:
             self._known.setdefault(stream, None)
         fields = encode_frame(frame, self.codec, self.jpeg_quality)
         if live:
-            if not self._put_live(frame.camera, stream, fields):
+            if not self._put_live(frame, stream, fields):
                 return
         else:
             self._put_replay(stream, fields)
         self.stats.count_put(frame.camera)
 
-    def _put_live(self, camera: str, stream: str, fields: dict[bytes, bytes]) -> bool:
-        """XADD with MAXLEN ~; False if Redis stayed unreachable (the frame is dropped and counted)."""
-        def add() -> int:
+    def _put_live(self, frame: Frame, stream: str, fields: dict[bytes, bytes]) -> bool:
+        """The live XADD (see _LIVE_PUT); False if Redis stayed unreachable (dropped and counted)."""
+        del fields[b"dropped"]  # the script stamps it, counting what it sheds
+        args = [self.group, self.max_len, int(self.max_age_s * 1000), frame.run_id, self._run_drops.of(frame)]
+        for key, value in fields.items():
+            args += [key, value]
+
+        def add() -> list:
             self._ensure_groups([stream])
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.xlen(stream)
-            pipe.xadd(stream, fields, maxlen=self.max_len, approximate=True)
-            pipe.xlen(stream)
-            before, _, after = pipe.execute()
-            return before + 1 - after
+            return self._live_put(keys=[stream], args=args)
 
         # Once an outage is known, try once per frame instead of stalling ingest a second per frame.
         budget = 0.0 if self._down else LIVE_PUT_BUDGET_S
         try:
-            trimmed = self._call(add, budget_s=budget)
+            _, shed, shed_of_run = self._call(add, budget_s=budget)
         except _GaveUp:
-            self.stats.count_drop(camera, REDIS_DOWN)
+            self.stats.count_drop(frame.camera, REDIS_DOWN)
+            self._run_drops.add(frame)
             return False
-        self.stats.count_drop(camera, ENGINE_BEHIND, trimmed)
+        self.stats.count_drop(frame.camera, ENGINE_BEHIND, int(shed))
+        self._run_drops.add(frame, int(shed_of_run))
         return True
 
     def _backlog(self, stream: str) -> int:
@@ -590,6 +687,7 @@ class RedisFrameBus:
             return out
 
         try:
+            self._check_server()  # a restart may go unnoticed otherwise: ingest recreates the groups
             return self._call(claim, budget_s=0)
         except (_GaveUp, BusClosed):
             return []

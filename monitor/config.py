@@ -133,6 +133,7 @@ class BusConfig:
     codec: Literal["jpeg", "raw"] = "jpeg"
     jpeg_quality: int = field(default=90, metadata=_check(lambda v: 1 <= v <= 100, "in 1..100"))
     max_len: int = field(default=256, metadata=_at_least(1))  # live cameras drop the oldest beyond it
+    max_age_s: float = field(default=10.0, metadata=_POSITIVE)  # and live frames waiting longer than this
 
 
 @dataclass

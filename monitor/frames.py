@@ -21,6 +21,9 @@ class Frame:
     capture_ts: float  # wall clock when the ingest worker decoded it (time.time())
     image: np.ndarray  # HxWx3 RGB uint8
     run_id: str = ""  # distinguishes ingest restarts, so (camera, run_id, seq) is unique
+    # Frames of this run the bus dropped, and counted, before this one was queued: what lets the
+    # engine tell a counted drop from a lost frame (monitor/ledger.py). Set by the bus.
+    dropped_before: int = 0
     meta: dict = field(default_factory=dict)
 
     @property
@@ -46,6 +49,7 @@ def encode_frame(frame: Frame, codec: str = "jpeg", quality: int = 90) -> dict[b
         b"seq": str(frame.seq).encode(),
         b"source_ts": repr(frame.source_ts).encode(),
         b"capture_ts": repr(frame.capture_ts).encode(),
+        b"dropped": str(frame.dropped_before).encode(),
         b"codec": codec.encode(),
         b"shape": f"{h}x{w}".encode(),
         b"data": payload,
@@ -71,7 +75,7 @@ def decode_frame(fields: dict[bytes, bytes]) -> Frame:
             raise ValueError(f"codec {codec}")
         return Frame(camera=camera, seq=seq, source_ts=float(fields[b"source_ts"]),
                      capture_ts=float(fields[b"capture_ts"]), image=image,
-                     run_id=fields.get(b"run", b"").decode())
+                     run_id=fields.get(b"run", b"").decode(), dropped_before=int(fields.get(b"dropped", b"0")))
     except (KeyError, ValueError, UnicodeDecodeError) as exc:
         cam = fields.get(b"camera", b"?").decode(errors="replace")
         raise DataError(f"camera {cam}: corrupt frame on the bus ({exc})") from None

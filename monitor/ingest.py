@@ -161,7 +161,7 @@ def _network_options(scheme: str, read_timeout_s: float) -> dict[str, str]:
 @dataclass
 class IngestStats:
     decoded: int = 0        # frames out of the decoder
-    sampled: int = 0        # frames kept by the fps sampler (and handed on)
+    sampled: int = 0        # frames kept by the fps sampler and handed on: each gets a seq or a drop
     decode_errors: int = 0  # corrupt packets/frames skipped, and read errors treated as end of file
     reconnects: int = 0     # open attempts after the first
     dropped: int = 0        # live frames discarded because the sink was slower than the camera
@@ -253,7 +253,6 @@ class CameraReader:
                         next_due = ts + period if next_due is None or ts > next_due + period \
                             else next_due + period
                     image = self._to_rgb(frame)
-                    self.stats.sampled += 1
                     if self.realtime:
                         anchor = self._pace(ts, anchor)
                         if self.abort.is_set():
@@ -371,6 +370,7 @@ class _ReaderThread(threading.Thread):
                 if may_drop:  # a live camera cannot wait: drop the oldest waiting frame
                     try:
                         self.out.get_nowait()
+                        self.reader.stats.sampled += 1  # it was handed on, and is counted as dropped
                         self.reader.stats.dropped += 1
                     except queue.Empty:
                         pass
@@ -486,6 +486,7 @@ class IngestWorker:
                     waiting_since = time.monotonic()
                 elif kind == "frame":
                     image, source_ts = payload
+                    self.stats.sampled += 1
                     frame = Frame(camera=self.camera_id, seq=self.seq, source_ts=float(source_ts),
                                   capture_ts=time.time(), image=image, run_id=self.run_id)
                     self.seq += 1

@@ -47,7 +47,7 @@ FRAMES_DECODED = Counter("spade_camera_frames_decoded_total", "Frames out of the
 FRAMES_SAMPLED = Counter("spade_camera_frames_sampled_total", "Frames kept by the fps sampler.", ["camera"])
 FRAMES_DROPPED = Counter("spade_camera_frames_dropped_total",
                          "Sampled frames that got no result, by reason: reader_behind, engine_behind, "
-                         "redis_down (ingest side), corrupt, failed (engine side).", ["camera", "reason"])
+                         "redis_down (ingest side), corrupt, failed, lost (engine side).", ["camera", "reason"])
 CAMERA_FPS = Gauge("spade_camera_fps", f"Sampled frames per second over the last {FPS_WINDOW_S:g} s.",
                    ["camera"], multiprocess_mode="livemax")
 CAMERA_UP = Gauge("spade_camera_up", "1 while the camera delivers frames, else 0.", ["camera"],

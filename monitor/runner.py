@@ -158,7 +158,7 @@ def build_publisher(config: MonitorConfig, *, results: bool = True):
 def make_redis_bus(config: MonitorConfig, cameras: list[str], consumer: str | None = None) -> RedisFrameBus:
     bus = config.bus
     return RedisFrameBus(config.redis.connection_url(), consumer=consumer, max_len=bus.max_len,
-                         codec=bus.codec, jpeg_quality=bus.jpeg_quality, cameras=cameras)
+                         max_age_s=bus.max_age_s, codec=bus.codec, jpeg_quality=bus.jpeg_quality, cameras=cameras)
 
 
 def _require_redis(config: MonitorConfig, what: str) -> None:
@@ -374,6 +374,7 @@ def run_ingest(config: MonitorConfig, cameras: list[str], stop: threading.Event,
                     break
         finally:
             group.stop()
+            group.tick()  # the last frames' counts, or sampled would fall short of what the engine got
             relay.flush(force=True)
             publisher.close()
         return _nothing_read_code(group, report=serve_metrics)
@@ -449,7 +450,7 @@ def run_local(config: MonitorConfig, stop: threading.Event,
     health = health if health is not None else Health(needs_banks=True)
     publisher = build_publisher(config)
     try:
-        bus = InProcessBus(max_len=config.bus.max_len)
+        bus = InProcessBus(max_len=config.bus.max_len, max_age_s=config.bus.max_age_s)
         engine = EngineWorker(config, bus, publisher)
         health.set_loaded()
         t0 = time.perf_counter()  # frames/s of the pipeline, not of loading models

@@ -27,6 +27,7 @@ from engine.spade import Spade
 
 from .events import EventTracker
 from .frames import Frame
+from .ledger import SeqLedger
 from .metrics import EngineMetrics
 from .publish import PublishError, encode_overlay
 from .results import FrameResult, regions_from_map
@@ -97,6 +98,7 @@ class EngineStats:
     claimed: int = 0  # frames taken over from a dead engine
     abandoned: int = 0  # frames left unacked at a stop during a sink outage
     duplicates: int = 0  # re-delivered frames whose result the publisher already had
+    lost: int = 0  # frames missing from their camera's sequence and never counted as dropped
     events_started: int = 0
     publish_retries: int = 0
     stage_seconds: dict = field(default_factory=lambda: defaultdict(float))
@@ -116,6 +118,9 @@ class EngineWorker:
         self._trackers: dict[str, EventTracker] = {}
         self._inherited: dict[str, list] = {}  # camera -> the end of an event a dead engine left open
         self._previous: dict = {}  # camera -> pyramid of its last frame, for temporal features
+        # Frames a Redis data loss took are counted once a dead engine's frames had time to be claimed.
+        self.ledger = SeqLedger(grace_s=2 * config.engine.claim_idle_s)
+        self._data_losses = 0  # the bus's count of Redis data losses, as last seen
         self.camera_scene = {cid: cam.scene for cid, cam in config.cameras.items() if cam.enabled}
         self.stopping = None  # an Event; set by run(), checked while publishing is being retried
         now = time.monotonic()
@@ -223,10 +228,22 @@ class EngineWorker:
         if msgs:
             self._process_safely(msgs)
             taken += len(msgs)
+        self._count_lost(now)
         if now >= self._next_stats:
             self._next_stats = now + STATS_EVERY_S
             self.log_stats()
         return taken
+
+    def _count_lost(self, now: float, final: bool = False) -> None:
+        losses = self.bus.data_losses
+        if losses != self._data_losses:
+            self._data_losses = losses
+            self.ledger.note_data_loss(self.bus.intact_until, now)
+        for camera, n in self.ledger.settle(now, final):
+            self.stats.lost += n
+            self.metrics.observe_drop(camera, "lost", n)
+            log.warning("camera %s: %d frame(s) never reached the engine and were not counted as dropped "
+                        "(lost on the bus, e.g. Redis restarted without them)", camera, n)
 
     def run(self, stop, drain_s: float | None = 0.0) -> None:
         """Process until stop is set, then drain for up to drain_s seconds (None: until empty)."""
@@ -252,6 +269,8 @@ class EngineWorker:
                 break
             else:
                 total += claimed
+        if claim_idle_s is not None:  # nothing is pending anywhere: a noted loss can be counted now
+            self._count_lost(time.monotonic(), final=True)
         return total
 
     def _process_safely(self, msgs, late: bool = False) -> None:
@@ -277,8 +296,8 @@ class EngineWorker:
         self._stats_mark = (now, s.frames)
         rate = (s.frames - n0) / (now - t0) if now > t0 else 0.0
         log.info("engine: %d frames (%.1f/s lately), %d flagged, %d escalated, %d events, %d corrupt, "
-                 "%d failed, %d claimed", s.frames, rate, s.flagged, s.escalated, s.events_started,
-                 s.corrupt, s.failed, s.claimed)
+                 "%d failed, %d claimed, %d lost", s.frames, rate, s.flagged, s.escalated, s.events_started,
+                 s.corrupt, s.failed, s.claimed, s.lost)
 
     def process(self, msgs, late: bool = False) -> list[FrameResult]:
         """Score, publish and ack a batch. late: frames claimed from a dead engine, which later
@@ -389,6 +408,8 @@ class EngineWorker:
                     else:  # published before a crash: its events went out with it
                         self.stats.duplicates += 1
                         self.metrics.observe_duplicate(result.camera)
+                    frame = msgs[i].frame
+                    self.ledger.observe(frame.camera, frame.run_id, frame.seq, frame.dropped_before, time.monotonic())
                     events = self._inherited.pop(result.camera, []) + events
                     i += 1
                 delay = 0.2

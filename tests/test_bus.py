@@ -38,7 +38,7 @@ def bus_factory(request):
 
     def build(**kwargs):
         if request.param == "inprocess":
-            bus = InProcessBus(max_len=kwargs.get("max_len", 256))
+            bus = InProcessBus(max_len=kwargs.get("max_len", 256), max_age_s=kwargs.get("max_age_s", 10.0))
         else:
             bus = redis_bus(request.getfixturevalue("redis_server"), **kwargs)
         made.append(bus)
@@ -97,13 +97,90 @@ def test_live_put_drops_oldest_redis(redis_server):
     n = 250
     for i in range(n):
         bus.put(make_frame("a", i), live=True)
-    kept = redis.Redis.from_url(redis_server.url).xlen("frames:a")
-    # MAXLEN ~ trims whole nodes: the buffer holds between max_len and about max_len + 100 frames.
-    assert 10 <= kept <= 110
-    assert bus.stats.dropped == {"a": n - kept}
-    assert bus.stats.dropped_by_reason == {("a", ENGINE_BEHIND): n - kept}
-    assert seqs(bus.get_batch(n, 0.2)) == list(range(n - kept, n))  # the newest survive
+    assert redis.Redis.from_url(redis_server.url).xlen("frames:a") == 10
+    assert bus.stats.dropped_by_reason == {("a", ENGINE_BEHIND): n - 10}
+    got = bus.get_batch(n, 0.2)
+    assert seqs(got) == list(range(n - 10, n))  # the newest survive
+    assert got[-1].frame.dropped_before == n - 10  # the newest frame knows what went before it
     bus.close()
+
+
+def test_overload_sheds_only_frames_no_engine_has_and_counts_each_once(bus_factory):
+    """sampled = published + dropped: a frame an engine is working on is never shed (nor counted)."""
+    producer = bus_factory(max_len=50, max_age_s=1e6, cameras=["a"], consumer="ingest")  # test frames are 1 s apart
+    engine = bus_factory(max_len=50, cameras=["a"], consumer="engine") if isinstance(producer, RedisFrameBus) \
+        else producer
+    n = 0
+
+    def put(k: int) -> None:
+        nonlocal n
+        for _ in range(k):
+            producer.put(make_frame("a", n), live=True)
+            n += 1
+
+    put(40)
+    working = engine.get_batch(40, 1.0)  # delivered, not acked yet: the engine is scoring them
+    put(200)
+    rest = engine.get_batch(400, 1.0)
+    engine.ack([m.id for m in working + rest])
+    got = seqs(working) + seqs(rest)
+    dropped = producer.stats.dropped_by_reason[("a", ENGINE_BEHIND)]
+    assert got == list(range(40)) + list(range(n - 50, n))
+    assert len(got) + dropped == n
+    assert rest[-1].frame.dropped_before == dropped  # the engine sees the count: no loss to report
+
+
+def test_live_frames_older_than_max_age_are_shed(bus_factory):
+    bus = bus_factory(max_len=100, max_age_s=0.3, cameras=["a"])
+    now = time.time()
+    for i in range(5):
+        bus.put(Frame("a", i, 0.0, now, make_frame("a", i).image, run_id="r1"), live=True)
+    time.sleep(0.4)
+    bus.put(Frame("a", 5, 0.0, time.time(), make_frame("a", 5).image, run_id="r1"), live=True)
+    got = bus.get_batch(10, 0.5)
+    assert seqs(got) == [5] and got[0].frame.dropped_before == 5
+    assert bus.stats.dropped_by_reason == {("a", ENGINE_BEHIND): 5}
+
+
+def test_frames_a_redis_crash_takes_are_counted_lost_exactly(redis_server):
+    from monitor.ledger import SeqLedger
+
+    producer = redis_bus(redis_server, cameras=["a"], consumer="ingest")
+    engine = redis_bus(redis_server, cameras=["a"], consumer="engine")
+    ledger = SeqLedger(grace_s=5)
+
+    def consume() -> int:
+        got = engine.get_batch(100, 0.5)
+        for m in got:
+            ledger.observe(m.frame.camera, m.frame.run_id, m.frame.seq, m.frame.dropped_before, time.monotonic())
+        engine.ack([m.id for m in got])
+        return len(got)
+
+    for i in range(20):
+        producer.put(make_frame("a", i), live=True)
+    published = consume()  # 0..19
+    for i in range(20, 35):
+        producer.put(make_frame("a", i), live=True)  # the backlog Redis will take with it
+    redis_server.kill()
+    for i in range(35, 38):
+        producer.put(make_frame("a", i), live=True)  # dropped and counted: Redis is down
+    assert producer.stats.dropped_by_reason == {("a", REDIS_DOWN): 3}
+    redis_server.start()  # no persistence: streams and group are gone
+    for i in range(38, 50):
+        producer.put(make_frame("a", i), live=True)
+    deadline = time.monotonic() + 10
+    while published < 50 - 15 - 3 and time.monotonic() < deadline:
+        published += consume()
+    engine.claim_stale(60.0)  # the engine's periodic claim also checks Redis's run id
+    assert engine.data_losses >= 1  # the engine's bus noticed the restart
+    now = time.monotonic()
+    ledger.note_data_loss(engine.intact_until, now)
+    assert ledger.settle(now) == []  # within the grace period, they might still come
+    lost = sum(n for _, n in ledger.settle(now + 6))
+    assert lost == 15
+    assert published + sum(producer.stats.dropped.values()) + lost == 50
+    producer.close()
+    engine.close()
 
 
 def test_live_put_counts_no_drop_when_engine_keeps_up(redis_server):

@@ -126,7 +126,7 @@ def test_unknown_key_names_full_path_with_hint(tmp_path: Path, mutate, expected:
 def test_unknown_key_without_close_match_lists_keys(tmp_path: Path) -> None:
     data = minimal()
     data["bus"] = {"zzz": 1}
-    assert error_of(data, tmp_path) == "bus.zzz: unknown key; expected one of kind, codec, jpeg_quality, max_len"
+    assert error_of(data, tmp_path) == "bus.zzz: unknown key; expected one of kind, codec, jpeg_quality, max_len, max_age_s"
 
 
 @pytest.mark.parametrize("section, key, value, expected", [

@@ -120,3 +120,23 @@ def test_frames_claimed_late_do_not_disturb_the_camera_they_come_from(scene, sce
     assert not any(r["late"] for r in plain)
     after = lambda results: next(r for r in results if r["seq"] == 10)
     assert after(claimed)["image_score"] == pytest.approx(after(plain)["image_score"], rel=1e-6)
+
+
+def test_frames_missing_from_a_camera_and_never_counted_are_reported_lost(scene, worker):
+    """A Redis crash takes frames without a trace on the ingest side: the engine sees the gap in
+    the camera's seq, tells it from the drops the bus counted, and counts the rest as lost."""
+    engine, bus, _ = worker
+    from monitor.metrics import FRAMES_DROPPED
+
+    image = next(iter(iter_video_frames(scene.test_videos[0])))
+    lost_before = FRAMES_DROPPED.labels("cam", "lost")._value.get()
+    # 2-3 were shed and counted (frame 4 says so); 6-8 vanished with nobody counting them
+    for seq, dropped_before in ((0, 0), (1, 0), (4, 2), (5, 2), (9, 2)):
+        bus.put(Frame(camera="cam", seq=seq, source_ts=seq / 5, capture_ts=time.time(), image=image,
+                      run_id="r1", dropped_before=dropped_before), live=False)
+    bus.data_losses += 1  # what a Redis bus notes when Redis restarts without its data
+    engine.step(max_wait_s=0.5)
+    assert engine.stats.lost == 0  # they might still be claimed from a dead engine
+    engine.drain(claim_idle_s=0.0)  # a stop: nothing is pending anywhere any more
+    assert engine.stats.lost == 3
+    assert FRAMES_DROPPED.labels("cam", "lost")._value.get() - lost_before == 3
