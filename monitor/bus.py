@@ -19,15 +19,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from engine.errors import ConfigError, DataError, SpadeError
-from monitor.config import redact_url as _redact_url
-from monitor.frames import NAME_RE, Frame, decode_frame, encode_frame
+from monitor.frames import NAME_RULE, Frame, decode_frame, encode_frame, is_safe_name
+from monitor.retry import Backoff
+from monitor.urls import redact_url, scrub
 
 log = logging.getLogger(__name__)
 
@@ -276,14 +276,6 @@ class InProcessBus:
         self.close()
 
 
-def _url_password(url: str) -> str | None:
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return None
-    return unquote(password) if password else None
-
-
 class _GaveUp(Exception):
     """Internal: the retry budget of one call ran out while Redis was unreachable."""
 
@@ -316,8 +308,8 @@ class RedisFrameBus:
         if codec not in ("jpeg", "raw"):
             raise ConfigError(f"frame bus codec must be 'jpeg' or 'raw', got {codec!r}")
         for camera in cameras or []:
-            if not NAME_RE.match(camera):
-                raise ConfigError(f"camera id {camera!r} is not a valid name (letters, digits, _ . -)")
+            if not is_safe_name(camera):
+                raise ConfigError(f"camera id {camera!r} is not a valid name: use {NAME_RULE}")
         self.max_len = _check_max_len(max_len)
         self.max_age_s = float(max_age_s)
         self.group = group
@@ -325,8 +317,8 @@ class RedisFrameBus:
         self.codec = codec
         self.jpeg_quality = jpeg_quality
         self.stats = BusStats()
-        self.url_for_logs = _redact_url(url)
-        self._password = _url_password(url)
+        self.url_for_logs = redact_url(url)
+        self._url = url
         # No client-side retries: our own helper owns backoff and the live-put time budget.
         self._redis = redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=1.0,
                                            retry=Retry(NoBackoff(), 0), protocol=2)
@@ -351,7 +343,7 @@ class RedisFrameBus:
     def _call(self, fn: Callable[[], T], *, budget_s: float | None) -> T:
         """Run fn; on a connection error back off and retry until it works, budget_s runs out, or close()."""
         deadline = None if budget_s is None else time.monotonic() + budget_s
-        delay = BACKOFF_START_S
+        backoff = Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
         while True:
             if self._closed.is_set():
                 raise BusClosed("frame bus is closed")
@@ -367,9 +359,8 @@ class RedisFrameBus:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     raise _GaveUp() from None
-                pause = delay if deadline is None else min(delay, deadline - now)
-                self._closed.wait(pause)
-                delay = min(delay * 2, BACKOFF_MAX_S)
+                delay = backoff.next()
+                self._closed.wait(delay if deadline is None else min(delay, deadline - now))
                 continue
             self._mark_up()
             return result
@@ -380,9 +371,7 @@ class RedisFrameBus:
             if self._down:
                 return
             self._down = True
-        reason = str(exc).splitlines()[0] if str(exc) else ""
-        if self._password:
-            reason = reason.replace(self._password, "***")
+        reason = scrub(str(exc).splitlines()[0], self._url) if str(exc) else ""
         log.warning("frame bus: Redis at %s unreachable (%s: %s); retrying with backoff, live frames are "
                     "dropped meanwhile", self.url_for_logs, type(exc).__name__, reason)
 
@@ -455,7 +444,7 @@ class RedisFrameBus:
             except _GaveUp:
                 found = []
             for stream in sorted(found):
-                if NAME_RE.match(_camera_of(stream)):
+                if is_safe_name(_camera_of(stream)):
                     self._known.setdefault(stream, None)
             self._next_scan = now + (DISCOVER_EVERY_S if self._known else DISCOVER_EMPTY_EVERY_S)
         return list(self._known)
@@ -517,11 +506,10 @@ class RedisFrameBus:
         return 0
 
     def _put_replay(self, stream: str, fields: dict[bytes, bytes]) -> None:
-        poll = REPLAY_POLL_START_S
+        poll = Backoff(REPLAY_POLL_START_S, REPLAY_POLL_MAX_S)
         while self._call(lambda: self._backlog(stream), budget_s=None) >= self.max_len:
-            if self._closed.wait(poll):
+            if self._closed.wait(poll.next()):
                 raise BusClosed("frame bus closed while a replay frame waited for room")
-            poll = min(poll * 2, REPLAY_POLL_MAX_S)
         self._call(lambda: self._redis.xadd(stream, fields), budget_s=None)  # no MAXLEN: replay never drops
 
     # ---- consumer side ------------------------------------------------------------------------------

@@ -21,37 +21,13 @@ from urllib.parse import quote, unquote, urlsplit
 import yaml
 
 from engine.errors import ConfigError
-from monitor.frames import NAME_RE
+from monitor.frames import NAME_RULE, is_safe_name
+from monitor.urls import LIVE_SCHEMES, redact_url
+from monitor.urls import scheme as _scheme
 
-LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "http", "https", "rtmp", "rtmps", "udp"})
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_SECRET_PARAMS = ("password", "passwd", "pwd", "pass", "token", "access_token", "auth", "key",
-                  "api_key", "apikey", "secret")
-_SECRET_PARAM_RE = re.compile(r"([?&;](?:%s)=)[^&;#]*" % "|".join(_SECRET_PARAMS), re.IGNORECASE)
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def redact_url(url: str) -> str:
-    """Hide userinfo (user:password@ or user@) and secret query parameters in a source or URL.
-
-    Errs on hiding too much: everything up to the last '@' counts as userinfo, so a password
-    with an unescaped '/', '?' or '@' is still hidden.
-    """
-    m = _SCHEME_RE.match(url)
-    prefix = url[:m.end()] if m else ""
-    rest = url[len(prefix):]
-    at = rest.rfind("@")
-    # Without a scheme only 'user:pass@host' counts, so a plain path such as cam@2.mp4 survives.
-    if at >= 0 and (prefix or ":" in rest[:at]):
-        rest = "***" + rest[at:]
-    return prefix + _SECRET_PARAM_RE.sub(r"\1***", rest)
-
-
-def _scheme(source: str) -> str | None:
-    m = _SCHEME_RE.match(source)
-    return m.group(1).lower() if m else None
 
 
 # -- schema -------------------------------------------------------------------------------------
@@ -106,7 +82,7 @@ class CameraConfig:
 @dataclass
 class SceneConfig:
     bank: str = field(metadata={"expect": "a string (path to a reference bank)"})
-    tau: Optional[float] = None  # overrides the bank's calibrated gate threshold
+    tau: Optional[float] = None  # overrides the bank's calibrated flag threshold tau (engine/decision.py)
     theta: Optional[float] = None  # overrides the bank's pixel threshold
 
 
@@ -344,9 +320,8 @@ def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping, shown: Any = 
 def _check_id(key: Any, path: str, kind: str | None) -> str:
     if kind is None:
         return key
-    if not isinstance(key, str) or not NAME_RE.fullmatch(key):  # fullmatch: '$' would allow a trailing newline
-        raise ConfigError(f"{path}: invalid {kind} id {_got(key)}; expected 1-64 letters, digits, '_', '.' or '-', "
-                          f"starting with a letter or digit")
+    if not is_safe_name(key):
+        raise ConfigError(f"{path}: invalid {kind} id {_got(key)}; expected {NAME_RULE}")
     return key
 
 
@@ -398,10 +373,10 @@ def _resolve_source(cid: str, cam: CameraConfig, base_dir: Path, check_files: bo
     scheme = _scheme(source)
     if scheme in LIVE_SCHEMES:
         return source
-    if scheme not in (None, "file"):
+    if scheme not in ("", "file"):
         raise ConfigError(f"{path}: unsupported scheme {scheme}:// in {redact_url(source)!r}; expected "
-                          f"rtsp(s)://, http(s)://, rtmp://, udp:// or a file path")
-    if scheme is None and redact_url(source) != source:  # 'user:pw@host/x' with the rtsp:// forgotten
+                          f"{', '.join(sorted(LIVE_SCHEMES))} or a file path")
+    if not scheme and redact_url(source) != source:  # 'user:pw@host/x' with the rtsp:// forgotten
         raise ConfigError(f"{path}: {redact_url(source)!r} looks like a URL without a scheme; expected "
                           f"rtsp://..., http(s)://... or a file path")
     file = Path(unquote(urlsplit(source).path) if scheme == "file" else source).expanduser()

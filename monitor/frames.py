@@ -10,7 +10,13 @@ import numpy as np
 
 from engine.errors import DataError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # camera and scene ids; safe in paths and keys
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+NAME_RULE = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit, without '..'"
+
+
+def is_safe_name(name: object) -> bool:
+    """Camera and scene ids become Redis key parts and file names: the one rule for them."""
+    return isinstance(name, str) and NAME_RE.match(name) is not None and ".." not in name
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
 import uuid
@@ -16,13 +15,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from engine.errors import SpadeError
-from monitor.config import redact_url as config_redact_url
+from monitor import urls
 from monitor.frames import Frame
+from monitor.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,6 @@ ONLINE, OFFLINE, RECONNECTING, FINISHED = "online", "offline", "reconnecting", "
 STATUSES = (ONLINE, OFFLINE, RECONNECTING, FINISHED)
 DECODE_TIMES_KEPT = 2000
 
-# Network schemes are live by default: they are reconnected on loss, never paced or looped.
-LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "rtp", "srt", "tcp")
 
 StatusCallback = Callable[[str, str, str], None]  # (camera_id, status, detail)
 Sink = Callable[[Frame], None]
@@ -46,51 +44,11 @@ class StopEvent(Protocol):  # threading.Event and multiprocessing.Event both fit
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
-# ---------------------------------------------------------------- URLs
-
-# Greedy up to the last "@" before the path: an unencoded "@" in a password is still hidden.
-_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
-
-
-def _redact(url: str) -> str:
-    """Replace 'user:pass@' in every URL inside `url` by '***@'."""
-    return _USERINFO_RE.sub(r"\g<scheme>***@", str(url))
-
-
-def redact_url(url: str) -> str:
-    return _redact(config_redact_url(str(url)))  # _redact also catches URLs embedded in text
-
-
-def _scrub(text: str, url: str) -> str:
-    """Remove url's credentials from any message (FFmpeg errors may echo the URL)."""
-    text = _redact(text).replace(str(url), redact_url(url))
-    password = _password(str(url))
-    if password and len(password) >= 3:  # shorter ones would mangle ordinary words
-        for form in {password, unquote(password)}:
-            text = text.replace(form, "***")
-    return " ".join(text.split())  # one line
-
-
-def _password(url: str) -> str | None:
-    m = _USERINFO_RE.match(url)
-    if not m:
-        return None
-    userinfo = m.group(0)[len(m.group("scheme")):-1]
-    return userinfo.split(":", 1)[1] if ":" in userinfo else None
-
-
-def _scheme(source: str) -> str:
-    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", str(source))
-    return m.group(1).lower() if m else ""
-
-
-def is_live_source(source: str | Path) -> bool:
-    return _scheme(str(source)) in LIVE_SCHEMES
-
+# ---------------------------------------------------------------- sources
 
 def _local_path(source: str | Path) -> Path | None:
     s = str(source)
-    scheme = _scheme(s)
+    scheme = urls.scheme(s)
     if scheme == "file":
         return Path(urlsplit(s).path)
     return Path(s) if scheme == "" else None
@@ -117,7 +75,7 @@ def open_source(url_or_path: str | Path, *, connect_timeout_s: float = 10.0,
     import av
 
     source = str(url_or_path)
-    shown = redact_url(source)
+    shown = urls.redact_url(source)
     path = _local_path(source)
     if path is not None:
         if not path.exists():
@@ -128,13 +86,13 @@ def open_source(url_or_path: str | Path, *, connect_timeout_s: float = 10.0,
         options: dict[str, str] = {}
     else:
         target = source
-        options = _network_options(_scheme(source), read_timeout_s)
+        options = _network_options(urls.scheme(source), read_timeout_s)
     try:
         container = av.open(target, options=options, timeout=(connect_timeout_s, read_timeout_s))
     except av.error.ExitError:
         raise SourceError(f"cannot open {shown}: no answer within {connect_timeout_s:g}s") from None
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise SourceError(_scrub(f"cannot open {shown}: {_error_text(exc)}", source)) from None
+        raise SourceError(urls.scrub(f"cannot open {shown}: {_error_text(exc)}", source)) from None
     if not container.streams.video:
         container.close()
         raise SourceError(f"no video stream in {shown}")
@@ -185,8 +143,8 @@ class CameraReader:
                  read_timeout_s: float = 10.0, stats: IngestStats | None = None,
                  abort: threading.Event | None = None):
         self.source = str(source)
-        self.shown = redact_url(self.source)
-        self.live = is_live_source(self.source) if live is None else bool(live)
+        self.shown = urls.redact_url(self.source)
+        self.live = urls.is_live(str(self.source)) if live is None else bool(live)
         self.fps = float(fps) if fps else None
         self.resolution = tuple(resolution) if resolution else None  # (W, H)
         self.realtime = realtime and not self.live
@@ -289,7 +247,7 @@ class CameraReader:
                 raise SourceError(f"no data from {self.shown} for {self.read_timeout_s:g}s") from None
             except (av.error.FFmpegError, OSError) as exc:
                 if self.live:
-                    raise SourceError(_scrub(f"lost {self.shown}: {_error_text(exc)}",
+                    raise SourceError(urls.scrub(f"lost {self.shown}: {_error_text(exc)}",
                                              self.source)) from None
                 self.stats.decode_errors += 1  # truncated or damaged file tail: keep what we had
                 break
@@ -356,7 +314,7 @@ class _ReaderThread(threading.Thread):
         except SourceError as exc:
             self._post(("error", str(exc)))
         except Exception as exc:  # never let a reader thread die silently
-            self._post(("error", _scrub(f"reading {reader.shown} failed: "
+            self._post(("error", urls.scrub(f"reading {reader.shown} failed: "
                                         f"{exc.__class__.__name__}", reader.source)))
         finally:
             reader.close()
@@ -393,8 +351,8 @@ class IngestWorker:
                  sink: Sink, on_status: StatusCallback | None = None):
         self.camera_id = camera_id
         self.source = str(source)
-        self.shown = redact_url(self.source)
-        self.live = is_live_source(self.source) if live is None else bool(live)
+        self.shown = urls.redact_url(self.source)
+        self.live = urls.is_live(str(self.source)) if live is None else bool(live)
         self.fps, self.resolution, self.realtime, self.loop = fps, resolution, realtime, loop
         self.watchdog_s = float(watchdog_s)
         self.backoff_initial_s = float(backoff_initial_s)
@@ -412,7 +370,7 @@ class IngestWorker:
     # -- status
 
     def _set_status(self, status: str, detail: str) -> None:
-        detail = _scrub(detail, self.source)
+        detail = urls.scrub(detail, self.source)
         self.detail = detail
         if status == self.status:
             return
@@ -428,7 +386,7 @@ class IngestWorker:
         """Ingest until the file ends, a file fails, or stop_event is set."""
         self.run_id = uuid.uuid4().hex
         self.seq = 0
-        delay = self.backoff_initial_s
+        backoff = Backoff(self.backoff_initial_s, self.backoff_max_s)
         attempt = 0
         while not stop_event.is_set():
             if attempt:
@@ -444,13 +402,14 @@ class IngestWorker:
                 self._set_status(OFFLINE, detail)
                 return
             if delivered:
-                delay = self.backoff_initial_s  # it worked for a while: retry fast
+                backoff.reset()  # it worked for a while: retry fast
+            delay = backoff.next()
+            if delivered:
                 self._set_status(RECONNECTING, f"{detail}; reconnecting in {delay:g}s")
             else:
                 self._set_status(OFFLINE, f"{detail}; retrying in {delay:g}s")
             if stop_event.wait(delay):
                 return
-            delay = min(delay * 2, self.backoff_max_s)
 
     def _session(self, stop_event: StopEvent) -> tuple[str, str, int]:
         """One open/read cycle: (outcome, detail, frames delivered).

@@ -12,16 +12,15 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Protocol
-from urllib.parse import unquote, urlsplit
 
 import cv2
 import numpy as np
 
 from engine.errors import ConfigError, SpadeError
 from engine.visualize import heatmap_overlay, save_score_timeline
-from monitor.config import redact_url
+from monitor.urls import redact_url, scrub
 from monitor.events import Event
-from monitor.frames import NAME_RE
+from monitor.frames import NAME_RULE, is_safe_name
 from monitor.results import FrameResult
 
 STATUS_MAXLEN = 1000  # status messages are a heartbeat log; a short tail is enough
@@ -67,9 +66,8 @@ def _unended(record: dict) -> Event | None:
 
 
 def _check_name(camera: str) -> None:
-    # Camera names become Redis key parts and folder names: no ':' and no path separators.
-    if not NAME_RE.match(camera) or "/" in camera or "\\" in camera or ".." in camera:
-        raise ValueError(f"camera name {camera!r} is not safe for keys and paths (use letters, digits, _ . -)")
+    if not is_safe_name(camera):
+        raise ValueError(f"camera name {camera!r} is not safe for keys and paths: use {NAME_RULE}")
 
 
 # Dedupe guard and publication in one atomic step: a re-processed frame (engine
@@ -113,7 +111,7 @@ class RedisPublisher:
         from redis.retry import Retry
 
         self.url = redact_url(url)
-        self._password = urlsplit(url).password if "@" in url else None
+        self._url_with_secret = url  # only to scrub it out of error messages
         self.stream_maxlen = int(stream_maxlen)
         self.overlay_ttl_s = int(overlay_ttl_s)
         self.overlays_per_camera = int(overlays_per_camera)
@@ -214,10 +212,7 @@ class RedisPublisher:
             self._client.close()
 
     def _scrub(self, text: str) -> str:
-        if self._password:
-            for secret in {self._password, unquote(self._password)}:
-                text = text.replace(secret, "***")
-        return " ".join(text.split())  # one line
+        return scrub(text, self._url_with_secret)
 
     def _error(self, action: str, exc: Exception) -> PublishError:
         return PublishError(f"redis at {self.url}: {action} failed ({type(exc).__name__}: "

@@ -18,7 +18,7 @@ from engine.bank import ReferenceBank
 from engine.errors import BankError, DataError
 
 from .config import parse_config
-from .frames import NAME_RE
+from .frames import is_safe_name
 from .runner import run_local
 
 
@@ -49,7 +49,7 @@ def camera_name_for(video: Path) -> str:
 def scene_name_for(meta: dict) -> str:
     """The bank's scene, for results; 'replay' when it has none safe in keys and paths."""
     scene = meta.get("scene")
-    if isinstance(scene, str) and NAME_RE.match(scene) and ".." not in scene:
+    if is_safe_name(scene):
         return scene
     return "replay"
 

@@ -36,7 +36,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -44,7 +44,9 @@ from engine.errors import ConfigError, SpadeError
 
 from .bus import BusClosed, InProcessBus, RedisFrameBus
 from .config import MonitorConfig, camera_ids
-from .ingest import OFFLINE, IngestWorker, _scrub
+from .ingest import OFFLINE, IngestWorker
+from .retry import Backoff
+from .urls import scrub
 from .metrics import Health, IngestMetrics, mark_process_dead, multiprocess_registry, serve
 from .publish import DirectoryPublisher, MultiPublisher, PublishError, RedisPublisher
 
@@ -273,7 +275,7 @@ class IngestGroup:
             thread.start()
 
     def _run_camera(self, cid: str, worker: IngestWorker) -> None:
-        delay = RESTART_MIN_S
+        backoff = Backoff(RESTART_MIN_S, RESTART_MAX_S)
         while not self.stop_event.is_set():
             started = time.monotonic()
             try:
@@ -285,12 +287,12 @@ class IngestGroup:
                 if self.stop_event.is_set():
                     return
                 if time.monotonic() - started > STABLE_S:
-                    delay = RESTART_MIN_S
-                log.error("ingest %s failed (%s); restarting in %.0fs", cid, _scrub(_one_line(exc), worker.source),
+                    backoff.reset()
+                delay = backoff.next()
+                log.error("ingest %s failed (%s); restarting in %.0fs", cid, scrub(_one_line(exc), worker.source),
                           delay)
                 if self.stop_event.wait(delay):
                     return
-                delay = min(delay * 2, RESTART_MAX_S)
 
     def done(self) -> bool:
         return all(not t.is_alive() for t in self.threads.values())
@@ -530,7 +532,7 @@ class _Child:
     cameras: list[str] | None
     proc: multiprocessing.process.BaseProcess | None = None
     started: float = 0.0
-    delay: float = RESTART_MIN_S
+    backoff: Backoff = field(default_factory=lambda: Backoff(RESTART_MIN_S, RESTART_MAX_S))
     restart_at: float = 0.0
     done: bool = False
     read_nothing: bool = False  # an ingest child whose cameras all ended without a frame
@@ -633,11 +635,10 @@ class Supervisor:
                 log.error("%s cannot run (its error is above); stopping the monitor", child.name)
                 return True
             if now - child.started > STABLE_S:
-                child.delay = RESTART_MIN_S
-            log.warning("%s exited unexpectedly (%s); restarting in %.0fs", child.name, _exit_text(code),
-                        child.delay)
-            child.restart_at = now + child.delay
-            child.delay = min(child.delay * 2, RESTART_MAX_S)
+                child.backoff.reset()
+            delay = child.backoff.next()
+            log.warning("%s exited unexpectedly (%s); restarting in %.0fs", child.name, _exit_text(code), delay)
+            child.restart_at = now + delay
         return False
 
     def _forget_metrics(self, pid: int | None) -> None:

@@ -30,12 +30,14 @@ from .frames import Frame
 from .ledger import SeqLedger
 from .metrics import EngineMetrics
 from .publish import PublishError, encode_overlay
+from .retry import Backoff
 from .results import FrameResult, regions_from_map
 
 log = logging.getLogger("spade_monitor.engine")
 
 RELOAD_EVERY_S = 5.0
 STATS_EVERY_S = 30.0
+PUBLISH_BACKOFF_START_S = 0.2
 PUBLISH_BACKOFF_MAX_S = 5.0
 
 
@@ -390,7 +392,8 @@ class EngineWorker:
 
     def _publish(self, results, msgs) -> None:
         t0 = time.perf_counter()
-        i, events, delay = 0, [], 0.2
+        i, events = 0, []
+        backoff = Backoff(PUBLISH_BACKOFF_START_S, PUBLISH_BACKOFF_MAX_S)
         while i < len(results) or events:
             try:
                 if events:  # before the next result: keeps events in order
@@ -412,18 +415,18 @@ class EngineWorker:
                     self.ledger.observe(frame.camera, frame.run_id, frame.seq, frame.dropped_before, time.monotonic())
                     events = self._inherited.pop(result.camera, []) + events
                     i += 1
-                delay = 0.2
+                backoff.reset()
             except PublishError as exc:
                 # Keep the frames unacked and retry: nothing accepted is lost while Redis is down.
                 self.stats.publish_retries += 1
                 if self.stopping is not None and self.stopping.is_set():
                     raise _Abandoned() from None
+                delay = backoff.next()
                 log.warning("publishing failed, retrying in %.1fs: %s", delay, exc)
                 if self.stopping is not None:
                     self.stopping.wait(delay)
                 else:
                     time.sleep(delay)
-                delay = min(delay * 2, PUBLISH_BACKOFF_MAX_S)
         self.stats.stage_seconds["publish"] += time.perf_counter() - t0
 
     def _tracker(self, result: FrameResult) -> EventTracker:

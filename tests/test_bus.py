@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import redis
 
-from monitor.bus import (ENGINE_BEHIND, REDIS_DOWN, BusMessage, InProcessBus, RedisFrameBus, _redact_url,
-                         make_bus)
+from monitor.bus import ENGINE_BEHIND, REDIS_DOWN, BusMessage, InProcessBus, RedisFrameBus, make_bus
 from monitor.frames import Frame, encode_frame
+from monitor.urls import redact_url
 
 H, W = 24, 32
 
@@ -406,7 +406,7 @@ def test_outage_warning_never_shows_the_password(caplog):
     from conftest import free_port
 
     url = f"redis://user:s3cret@127.0.0.1:{free_port()}/0?password=s3cret"
-    assert "s3cret" not in _redact_url(url)
+    assert "s3cret" not in redact_url(url)
     bus = RedisFrameBus(url, cameras=["a"], codec="raw")
     with caplog.at_level(logging.WARNING, logger="monitor.bus"):
         bus.put(make_frame("a", 0), live=True)

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from engine.errors import ConfigError
-from monitor.config import (CameraConfig, MonitorConfig, RedisConfig, camera_ids, load_config, parse_config,
-                            redact_url)
+from monitor.config import CameraConfig, MonitorConfig, RedisConfig, camera_ids, load_config, parse_config
+from monitor.urls import redact_url
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -132,7 +132,7 @@ def test_evaluate_mvtec_cli_writes_json_with_the_three_metrics(tmp_path, scene):
     assert main(["-q", "evaluate", "mvtec", "--root", str(tmp_path / "mvtec"), "--device", "cpu",
                  "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
-    for key in ("image_rocauc", "pixel_rocauc", "pro"):
-        assert 0.0 <= payload[key] <= 1.0
-    assert payload["pixel_rocauc"] > 0.8
+    # The inspection preset's top-5% image score dilutes the scene's small intrusions (0.66
+    # measured); the maps find them.
+    assert payload["image_rocauc"] > 0.55 and payload["pixel_rocauc"] > 0.9 and payload["pro"] > 0.8
     assert payload["categories"]["plaza"]["test_images"] > 0

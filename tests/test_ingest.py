@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from monitor.frames import Frame
-from monitor.ingest import CameraReader, IngestWorker, SourceError, open_source, redact_url
+from monitor.ingest import CameraReader, IngestWorker, SourceError, open_source
+from monitor.urls import redact_url
 
 # ---------------------------------------------------------------- helpers
 

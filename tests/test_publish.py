@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from monitor.events import EventTracker
-from monitor.publish import (DirectoryPublisher, MultiPublisher, PublishError, RedisPublisher, encode_overlay,
-                             redact_url)
+from monitor.publish import DirectoryPublisher, MultiPublisher, PublishError, RedisPublisher, encode_overlay
+from monitor.urls import redact_url
 from monitor.results import FrameResult, regions_from_map
 
 RUN = "feedbeef12345678"
