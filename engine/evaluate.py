@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import metrics
+from . import accuracy
 from .calibrate import calibrate
 from .datasets import VideoDataset, find_mvtec_categories, read_image
 from .decision import FrameScorer, Thresholds
@@ -105,9 +105,9 @@ def _evaluate_category(spade: Spade, cat, pictures, progress, log) -> dict:
     test_s = time.perf_counter() - t_test
     masks_a, maps_a = np.stack(masks) > 0, np.stack(maps)
     row = {
-        "image_rocauc": metrics.rocauc(labels, scores),
-        "pixel_rocauc": metrics.pixel_rocauc(masks_a, maps_a),
-        "pro": metrics.pro_score(masks_a, maps_a),
+        "image_rocauc": accuracy.rocauc(labels, scores),
+        "pixel_rocauc": accuracy.pixel_rocauc(masks_a, maps_a),
+        "pro": accuracy.pro_score(masks_a, maps_a),
         "train_images": len(cat.train_paths),
         "bank_frames": len(bank),
         "test_images": len(samples),
@@ -159,13 +159,13 @@ def frame_figures(per_clip: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
     (labels, scores, flags) per clip. Macro and worst count clips that have both classes."""
     labels = np.concatenate([v[0] for v in per_clip.values()])
     scores = np.concatenate([v[1] for v in per_clip.values()])
-    per = [metrics.rocauc(y, s) for y, s, _ in per_clip.values()]
+    per = [accuracy.rocauc(y, s) for y, s, _ in per_clip.values()]
     per = [a for a in per if not np.isnan(a)]
     return {
-        "frame_rocauc_micro": metrics.rocauc(labels, scores),
+        "frame_rocauc_micro": accuracy.rocauc(labels, scores),
         "frame_rocauc_macro": float(np.mean(per)) if per else float("nan"),
         "frame_rocauc_worst_clip": float(np.min(per)) if per else float("nan"),
-        "operating_point": metrics.operating_point([(y, f) for y, _, f in per_clip.values()]),
+        "operating_point": accuracy.operating_point([(y, f) for y, _, f in per_clip.values()]),
     }
 
 
@@ -178,7 +178,7 @@ def evaluate_video(root: str | Path, config: SpadeConfig, layout: str | None = N
     spade = Spade(config)
     clip_rows: dict[str, dict] = {}
     matched, deployed = {}, {}
-    pixel_auc = metrics.StreamingPixelAUC()
+    pixel_auc = accuracy.StreamingPixelAUC()
     frames_scored, escalated, score_seconds, build_seconds = 0, 0, 0.0, 0.0
     for scene in data.scenes():
         test_clips = [c for c in data.test_clips(scene) if clips is None or c.name in clips]
@@ -221,8 +221,8 @@ def evaluate_video(root: str | Path, config: SpadeConfig, layout: str | None = N
             deployed[name] = (labels, res.deployed, res.deployed_flags)
             clip_rows[name] = {
                 "frames": int(len(labels)), "anomalous": int(labels.sum()),
-                "frame_rocauc": metrics.rocauc(labels, res.matched),
-                "frame_rocauc_as_deployed": metrics.rocauc(labels, res.deployed),
+                "frame_rocauc": accuracy.rocauc(labels, res.matched),
+                "frame_rocauc_as_deployed": accuracy.rocauc(labels, res.deployed),
                 "escalated": int(res.escalated.sum()),
                 "recall_at_tau": float(res.deployed_flags[labels > 0].mean()) if labels.any() else float("nan"),
                 "false_alarm_rate_at_tau": float(res.deployed_flags[labels == 0].mean()) if (labels == 0).any() else float("nan"),

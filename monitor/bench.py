@@ -86,7 +86,7 @@ from typing import Callable
 
 import numpy as np
 
-log = logging.getLogger("spade_monitor.bench")
+log = logging.getLogger(__name__)
 
 TARGETS = {
     "pipeline_efficiency": 0.85,  # >=, 4 cameras at 1% escalation

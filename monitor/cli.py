@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-log = logging.getLogger("spade_monitor")
+log = logging.getLogger(__name__)
 
 
 def _model_args(p: argparse.ArgumentParser, default_preset: str) -> None:

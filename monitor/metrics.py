@@ -26,12 +26,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
-from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
-                               generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from engine.errors import ConfigError
 
-log = logging.getLogger("spade_monitor.metrics")
+log = logging.getLogger(__name__)
 
 FPS_WINDOW_S = 5.0
 HEALTHY_WITHIN_S = 60.0  # /healthz fails when the main loop has not ticked for this long (a hang)

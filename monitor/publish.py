@@ -18,10 +18,10 @@ import numpy as np
 
 from engine.errors import ConfigError, SpadeError
 from engine.visualize import heatmap_overlay, save_score_timeline
-from monitor.urls import redact_url, scrub
 from monitor.events import Event
 from monitor.frames import NAME_RULE, is_safe_name
 from monitor.results import FrameResult
+from monitor.urls import redact_url, scrub
 
 STATUS_MAXLEN = 1000  # status messages are a heartbeat log; a short tail is enough
 
@@ -256,6 +256,30 @@ class RecentKeys:
             self._keys.discard(self._order.popleft())
 
 
+class StatusFile:
+    """The writer of status.jsonl: DirectoryPublisher's, and on its own the sink of ingest
+    processes, whose engine owns the rest of outputs.dir. Each line is one O_APPEND write, so
+    several processes can share the file."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / "status.jsonl"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PublishError(f"cannot write to output folder {self.path.parent}: {exc.strerror or exc}") from None
+
+    def publish_status(self, camera: str, status: str, detail: str = "") -> None:
+        line = json.dumps({"camera": camera, "status": status, "detail": detail, "ts": time.time()}) + "\n"
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(line)
+        except OSError as exc:
+            raise PublishError(f"cannot write status to {self.path}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        pass
+
+
 class DirectoryPublisher:
     """Offline sink: results.jsonl, events.jsonl, status.jsonl, overlays/<camera>/<seq>.jpg,
     and timeline_<camera>.png at close().
@@ -281,7 +305,7 @@ class DirectoryPublisher:
             self._load_last_events(self.out_dir / "events.jsonl")
             self._results = self._open("results.jsonl")
             self._events = self._open("events.jsonl")
-            self._status = self._open("status.jsonl")
+            self._status = StatusFile(self.out_dir)
         except OSError as exc:
             raise PublishError(f"cannot write to output folder {self.out_dir}: {exc.strerror or exc}") from None
         self._closed = False
@@ -320,16 +344,13 @@ class DirectoryPublisher:
             raise PublishError(f"cannot write events to {self.out_dir}: {exc.strerror or exc}") from None
 
     def publish_status(self, camera: str, status: str, detail: str = "") -> None:
-        try:
-            self._write(self._status, {"camera": camera, "status": status, "detail": detail, "ts": time.time()})
-        except OSError as exc:
-            raise PublishError(f"cannot write status to {self.out_dir}: {exc.strerror or exc}") from None
+        self._status.publish_status(camera, status, detail)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for handle in (self._results, self._events, self._status):
+        for handle in (self._results, self._events):
             handle.close()
         for camera, samples in self._scores.items():
             self._save_timeline(camera, samples)

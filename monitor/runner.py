@@ -37,7 +37,6 @@ import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 from engine.errors import ConfigError, SpadeError
@@ -45,12 +44,12 @@ from engine.errors import ConfigError, SpadeError
 from .bus import BusClosed, InProcessBus, RedisFrameBus
 from .config import MonitorConfig, camera_ids
 from .ingest import OFFLINE, IngestWorker
+from .metrics import Health, IngestMetrics, mark_process_dead, multiprocess_registry, serve
+from .publish import DirectoryPublisher, MultiPublisher, PublishError, RedisPublisher, StatusFile
 from .retry import Backoff
 from .urls import scrub
-from .metrics import Health, IngestMetrics, mark_process_dead, multiprocess_registry, serve
-from .publish import DirectoryPublisher, MultiPublisher, PublishError, RedisPublisher
 
-log = logging.getLogger("spade_monitor.runner")
+log = logging.getLogger(__name__)
 
 DRAIN_LIMIT_S = 3.0  # redis bus: what is left after this stays in Redis for the next engine
 TICK_S = 0.2
@@ -114,29 +113,6 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
 
 # ---------------------------------------------------------------- sinks
-
-class StatusFile:
-    """status.jsonl only, for ingest processes: the engine's DirectoryPublisher owns the rest of
-    outputs.dir. Each line is one O_APPEND write, so several processes can share the file."""
-
-    def __init__(self, out_dir: str | Path):
-        self.path = Path(out_dir) / "status.jsonl"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PublishError(f"cannot write to output folder {self.path.parent}: {exc.strerror or exc}") from None
-
-    def publish_status(self, camera: str, status: str, detail: str = "") -> None:
-        line = json.dumps({"camera": camera, "status": status, "detail": detail, "ts": time.time()}) + "\n"
-        try:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(line)
-        except OSError as exc:
-            raise PublishError(f"cannot write status to {self.path}: {exc.strerror or exc}") from None
-
-    def close(self) -> None:
-        pass
-
 
 def uses_redis_publisher(config: MonitorConfig) -> bool:
     return config.bus.kind == "redis" or "redis" in config.explicit

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from engine.bank import ReferenceBank
 from engine.backbones import Features
+from engine.bank import ReferenceBank
 from engine.decision import FrameScorer, Thresholds
 from engine.errors import BankError
 from engine.spade import Spade
@@ -30,10 +30,10 @@ from .frames import Frame
 from .ledger import SeqLedger
 from .metrics import EngineMetrics
 from .publish import PublishError, encode_overlay
-from .retry import Backoff
 from .results import FrameResult, regions_from_map
+from .retry import Backoff
 
-log = logging.getLogger("spade_monitor.engine")
+log = logging.getLogger(__name__)
 
 RELOAD_EVERY_S = 5.0
 STATS_EVERY_S = 30.0

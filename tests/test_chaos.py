@@ -3,7 +3,6 @@ and a frozen engine, with real processes; every sampled frame is published or co
 import shutil
 
 import pytest
-
 from chaos import run_chaos
 
 

@@ -8,9 +8,17 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.datasets import (Clip, DecodeStats, TestClip, VideoDataset, detect_video_layout,
-                             find_mvtec_categories, iter_source_frames, iter_video_frames,
-                             read_image)
+from engine.datasets import (
+    Clip,
+    DecodeStats,
+    TestClip,
+    VideoDataset,
+    detect_video_layout,
+    find_mvtec_categories,
+    iter_source_frames,
+    iter_video_frames,
+    read_image,
+)
 from engine.errors import DataError
 
 H, W = 24, 32

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port
 from deploy_refs import dashboard_exprs, metric_names, referenced_metric_names
 

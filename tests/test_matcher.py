@@ -7,8 +7,14 @@ import pytest
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from engine.matcher import (anomaly_maps, anomaly_maps_bruteforce, gaussian_smooth, match_dtype,
-                            nearest_cell_distance, nearest_cell_distance_lowp)
+from engine.matcher import (
+    anomaly_maps,
+    anomaly_maps_bruteforce,
+    gaussian_smooth,
+    match_dtype,
+    nearest_cell_distance,
+    nearest_cell_distance_lowp,
+)
 
 
 def camera_like_bank(frames: int = 12, channels: int = 48, h: int = 12, w: int = 16, seed: int = 0):

@@ -13,13 +13,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import free_port
 from deploy_refs import referenced_metric_names
+from prometheus_client.parser import text_string_to_metric_families
+from test_service import camera, procs, wait_for, write_config  # noqa: F401 (procs is a fixture)
+
 from engine.errors import ConfigError
 from monitor.metrics import Health, MetricsServer
-from test_service import camera, procs, wait_for, write_config  # noqa: F401 (procs is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "spade-monitor.json"

@@ -14,8 +14,8 @@ import pytest
 
 from monitor.events import EventTracker
 from monitor.publish import DirectoryPublisher, MultiPublisher, PublishError, RedisPublisher, encode_overlay
-from monitor.urls import redact_url
 from monitor.results import FrameResult, regions_from_map
+from monitor.urls import redact_url
 
 RUN = "feedbeef12345678"
 

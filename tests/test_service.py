@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import redis
 import yaml
-
 from conftest import free_port
+
 from engine.datasets import iter_video_frames
 from monitor.cli import main
 from monitor.frames import Frame, encode_frame

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from engine.metrics import per_region_overlap_curve, pixel_rocauc, pro_score, rocauc
-
+from engine.accuracy import per_region_overlap_curve, pixel_rocauc, pro_score, rocauc
 
 # ---------------------------------------------------------------- rocauc
 
