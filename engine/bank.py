@@ -5,6 +5,7 @@ safetensors holds raw tensors plus a string header, so loading a bank can never 
 """
 from __future__ import annotations
 
+import calendar
 import json
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import torch
 from .errors import BankError
 
 FORMAT_VERSION = 1
+CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # UTC
 _META_KEY = "spade_bank"
 
 
@@ -28,9 +30,43 @@ class ReferenceBank:
     def __len__(self) -> int:
         return int(self.global_feats.shape[0])
 
+    # Typed views of the header, so a renamed key fails here and not somewhere downstream.
     @property
     def thresholds(self) -> dict:
         return self.meta.setdefault("thresholds", {})
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the frames are brought to before the backbone."""
+        height, width = self.meta["preprocess"]["size"]
+        return int(height), int(width)
+
+    @property
+    def scene(self) -> str | None:
+        return self.meta.get("scene")
+
+    @property
+    def fps(self) -> float | None:
+        """The frame rate the bank's frames were sampled at, where the sources had one."""
+        return self.meta.get("fps")
+
+    @property
+    def created_ts(self) -> float | None:
+        """Unix time the bank was written, or None for a bank without a readable date."""
+        try:
+            return float(calendar.timegm(time.strptime(self.meta["created"], CREATED_FORMAT)))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    @property
+    def stored_config(self) -> dict:
+        """The SpadeConfig fields the bank was built with."""
+        return self.meta.get("config") or {}
+
+    @property
+    def backbone_key(self) -> tuple:
+        """What a feature extractor must match to serve this bank: backbone, weights, levels."""
+        return self.meta["backbone"], self.meta["weights_id"], tuple(self.meta["levels"])
 
     def bytes_per_frame(self) -> int:
         tensors = [self.global_feats, self.groups, *self.pyramid.values()]
@@ -60,7 +96,7 @@ class ReferenceBank:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.meta["frame_count"] = len(self)
         self.meta.setdefault("format_version", FORMAT_VERSION)
-        self.meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.meta.setdefault("created", time.strftime(CREATED_FORMAT, time.gmtime()))
         tensors = {"global": self.global_feats.contiguous(), "groups": self.groups.contiguous()}
         tensors.update({f"pyramid.{k}": v.contiguous() for k, v in self.pyramid.items()})
         tmp = path.with_name(path.name + ".tmp")

@@ -185,7 +185,7 @@ def score_features(config: SpadeConfig, feats: Features, bank: ReferenceBank, ma
     candidates restricts the reference frames searched (calibration's held-out folds).
     """
     c = config
-    size = tuple(bank.meta["preprocess"]["size"])
+    size = bank.input_size
     t0 = time.perf_counter()
     gallery = bank.global_feats if candidates is None else bank.global_feats[candidates]
     k = min(max(c.k_image, c.k_pixel), gallery.shape[0])
@@ -258,17 +258,17 @@ class Spade:
     def for_bank(cls, bank: ReferenceBank, extractor: FeatureExtractor | None = None, **overrides) -> "Spade":
         """The model a bank was built with, with run-time settings (device, K...) overridden."""
         fields = SpadeConfig.__dataclass_fields__
-        stored = {k: v for k, v in bank.meta.get("config", {}).items() if k in fields}
+        stored = {k: v for k, v in bank.stored_config.items() if k in fields}
         stored.update({k: v for k, v in overrides.items() if v is not None})
         model = cls(SpadeConfig(**stored), extractor=extractor)
-        bank.check_compatible(model.model_meta(model.bank_preprocess(bank)), bank.meta.get("scene", "bank"))
+        bank.check_compatible(model.model_meta(model.bank_preprocess(bank)), bank.scene or "bank")
         return model
 
-    def signature(self) -> tuple:
-        """Scenes whose models share a signature can share one backbone pass."""
+    def pass_key(self, bank: ReferenceBank) -> tuple:
+        """Frames of scenes with equal keys share one backbone pass: same extractor, same input
+        size, same feature layout."""
         c = self.config
-        return (c.backbone, self.backbone.weights_id, tuple(c.levels), c.normalize_global,
-                str(self.device), self.extractor.precision)
+        return id(self.extractor), bank.input_size, c.normalize_global, c.temporal_diff, c.motion_weight
 
     def model_meta(self, preprocess: Preprocess) -> dict:
         c = self.config
@@ -417,7 +417,7 @@ class Spade:
         """Run each kernel once and build the gate's index, so the first frames do not pay for
         it (about 1 s on a CPU, more for a large bank's index; on CUDA 1-4 s per padded batch
         size, see cuda_batch_bucket)."""
-        self.extractor.warm_up(batch_size, tuple(bank.meta["preprocess"]["size"]))
+        self.extractor.warm_up(batch_size, bank.input_size)
         prepare_gate(bank.global_feats, self.device)  # the index lives where the queries are
         one = Features(global_=bank.global_feats[:1].float(),
                        pyramid={lv: bank.pyramid[lv][:1].float() for lv in self.config.levels})

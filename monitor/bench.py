@@ -443,7 +443,7 @@ def bench_matching(model, bank, frames, plan: Plan, device) -> dict:
     from engine.matcher import anomaly_maps, anomaly_maps_bruteforce
 
     c = model.config
-    size = tuple(bank.meta["preprocess"]["size"])
+    size = bank.input_size
     dev_bank = bank.to(device)
     # frames 1..match_frames: a stream's first frame has no temporal change yet
     n = min(len(frames), plan.match_frames + 1)

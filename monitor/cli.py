@@ -98,7 +98,7 @@ def cmd_reference_calibrate(args) -> int:
     from engine.spade import SpadeConfig
 
     bank = ReferenceBank.load(args.bank)
-    config = SpadeConfig(**{k: v for k, v in bank.meta["config"].items()
+    config = SpadeConfig(**{k: v for k, v in bank.stored_config.items()
                             if k in SpadeConfig.__dataclass_fields__})
     t = calibrate(bank, config, args.image_quantile, args.pixel_quantile)
     bank.save(args.bank)

@@ -48,18 +48,6 @@ def _camera_of(msg) -> str:
     return msg.id.split("/", 1)[0] if "/" in msg.id else "unknown"
 
 
-def _unix_time(iso_utc: str | None) -> float | None:
-    """Bank metadata's 'created' (UTC, ISO 8601) as unix time; None when absent or unreadable."""
-    if not iso_utc:
-        return None
-    import calendar
-
-    try:
-        return float(calendar.timegm(time.strptime(iso_utc, "%Y-%m-%dT%H:%M:%SZ")))
-    except (TypeError, ValueError):
-        return None
-
-
 def camera_misfit(meta: dict) -> str | None:
     """Why a bank's stored settings do not suit a camera stream, or None if they do."""
     config = meta.get("config") or {}
@@ -160,7 +148,7 @@ class EngineWorker:
                                         where=str(path))
         bank = bank.to(probe.device)
         probe.warm_up(bank, eng.max_batch)
-        built_fps = bank.meta.get("fps")
+        built_fps = bank.fps
         if (probe.config.temporal_diff > 0 or probe.config.motion_weight > 0) and built_fps is not None:
             for cid, cam in self.config.cameras.items():
                 if cam.scene == name and cam.enabled and cam.fps is not None and abs(built_fps - cam.fps) > 1e-3:
@@ -170,13 +158,12 @@ class EngineWorker:
         seconds = time.perf_counter() - t0
         log.info("scene %s: %d reference frames from %s loaded in %.2fs", name, len(bank), path.name, seconds)
         self.metrics.observe_scene(name, len(bank), bank.bytes_per_frame() * len(bank), seconds,
-                                   _unix_time(bank.meta.get("created")))
+                                   bank.created_ts)
         scorer = FrameScorer(thresholds, probe.config.temporal_window, probe.config.map_scored)
         return Scene(name, path, bank, probe, thresholds, scorer, path.stat().st_mtime, seconds)
 
     def _shared_extractor(self, bank: ReferenceBank, overrides: dict):
-        key = (bank.meta["backbone"], bank.meta["weights_id"], tuple(bank.meta["levels"]),
-               overrides["device"], overrides["precision"])
+        key = (*bank.backbone_key, overrides["device"], overrides["precision"])
         if key not in self._extractors:
             self._extractors[key] = Spade.for_bank(bank, **overrides).extractor
         return self._extractors[key]
@@ -330,13 +317,10 @@ class EngineWorker:
         return results
 
     def _score(self, frames: list[Frame], late: bool = False) -> list[tuple[FrameResult, bytes | None]]:
-        # Group by the backbone pass they can share: same extractor and same input geometry.
-        groups: dict[tuple, list[int]] = defaultdict(list)
+        groups: dict[tuple, list[int]] = defaultdict(list)  # frames by the backbone pass they share
         for i, f in enumerate(frames):
             scene = self.scenes[self.camera_scene[f.camera]]
-            c = scene.model.config
-            groups[(id(scene.model.extractor), tuple(scene.bank.meta["preprocess"]["size"]),
-                    c.normalize_global, c.temporal_diff, c.motion_weight)].append(i)
+            groups[scene.model.pass_key(scene.bank)].append(i)
         out: list = [None] * len(frames)
         for idx in groups.values():
             first = self.scenes[self.camera_scene[frames[idx[0]].camera]]

@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -29,7 +30,9 @@ def test_save_load_roundtrip_keeps_tensors_and_metadata(tmp_path):
     assert loaded.global_feats.dtype == torch.float16
     assert loaded.thresholds == {"tau": 0.5, "theta": 2.0}
     assert loaded.meta["frame_count"] == 12 and loaded.meta["format_version"] == 1
-    assert "created" in loaded.meta
+    assert abs(loaded.created_ts - time.time()) < 60
+    assert loaded.input_size == (24, 40) and loaded.backbone_key == ("efficientnet_lite0", "abc", ("s8",))
+    assert loaded.scene is None and loaded.fps is None and loaded.stored_config == {}
 
 
 def test_read_meta_reads_the_header_only(tmp_path):
