@@ -15,15 +15,10 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from engine.backbones import Features
-from engine.bank import ReferenceBank
-from engine.decision import FrameScorer, Thresholds
-from engine.errors import BankError
-from engine.spade import Spade
 
 from .events import EventTracker
 from .frames import Frame
@@ -32,6 +27,7 @@ from .metrics import EngineMetrics
 from .publish import PublishError, encode_overlay
 from .results import FrameResult, regions_from_map
 from .retry import Backoff
+from .scenes import SceneSet
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +44,8 @@ def _camera_of(msg) -> str:
     return msg.id.split("/", 1)[0] if "/" in msg.id else "unknown"
 
 
-def camera_misfit(meta: dict) -> str | None:
-    """Why a bank's stored settings do not suit a camera stream, or None if they do."""
-    config = meta.get("config") or {}
-    if config.get("geometry") == "crop":
-        # Scoring still works, but only the resized centre crop is seen: edges go unwatched.
-        return ("was built for still images (crop geometry: only a centre crop of each frame is scored); "
-                "build a camera bank with 'spade-monitor reference build' without --preset inspection or paper")
-    return None
-
-
 class _Abandoned(Exception):
     """Internal: stop was requested while the sink was down; the batch stays unacked."""
-
-
-@dataclass
-class Scene:
-    """A scene's bank, its model and its effective thresholds."""
-
-    name: str
-    path: Path
-    bank: ReferenceBank
-    model: Spade
-    thresholds: Thresholds
-    scorer: FrameScorer  # per-camera smoothing and flags, as evaluate's "as deployed"
-    mtime: float
-    load_seconds: float
 
 
 @dataclass
@@ -103,8 +75,7 @@ class EngineWorker:
         self.publisher = publisher
         self.metrics = metrics if metrics is not None else EngineMetrics()
         self.stats = EngineStats()
-        self.scenes: dict[str, Scene] = {}
-        self._extractors: dict[tuple, object] = {}
+        self.scenes = SceneSet(config, self.metrics)
         self._trackers: dict[str, EventTracker] = {}
         self._inherited: dict[str, list] = {}  # camera -> the end of an event a dead engine left open
         self._previous: dict = {}  # camera -> pyramid of its last frame, for temporal features
@@ -118,74 +89,12 @@ class EngineWorker:
         self._next_reload = now + RELOAD_EVERY_S
         self._next_stats = now + STATS_EVERY_S
         self._stats_mark = (now, 0)
-        self.load_scenes()
+        self.scenes.load()
 
     @property
     def device(self) -> str:
         """Where the models run ('cpu', 'cuda:0'): the label of the memory metric."""
         return str(next(iter(self.scenes.values())).model.device) if self.scenes else "cpu"
-
-    # -- scenes ---------------------------------------------------------------------------------
-    def load_scenes(self) -> None:
-        for name, scene_cfg in self.config.scenes.items():
-            self.metrics.beat()  # a start with large banks can outlast EngineDown's window
-            self.scenes[name] = self._load_scene(name, scene_cfg)
-        self.metrics.beat()
-
-    def _load_scene(self, name: str, scene_cfg) -> Scene:
-        t0 = time.perf_counter()
-        path = Path(scene_cfg.bank)
-        eng = self.config.engine
-        bank = ReferenceBank.load(path)
-        cameras = [cid for cid, cam in self.config.cameras.items() if cam.scene == name and cam.enabled]
-        misfit = camera_misfit(bank.meta) if cameras else None
-        if misfit:
-            log.warning("scene %s (camera %s): bank %s %s", name, ", ".join(cameras), path.name, misfit)
-        overrides = dict(device=eng.device, precision=eng.precision, k_image=eng.k_image,
-                         k_pixel=eng.k_pixel, batch_size=eng.max_batch)
-        probe = Spade.for_bank(bank, extractor=self._shared_extractor(bank, overrides), **overrides)
-        thresholds = Thresholds.of_bank(bank, probe.config.image_score, tau=scene_cfg.tau, theta=scene_cfg.theta,
-                                        where=str(path))
-        bank = bank.to(probe.device)
-        probe.warm_up(bank, eng.max_batch)
-        built_fps = bank.fps
-        if (probe.config.temporal_diff > 0 or probe.config.motion_weight > 0) and built_fps is not None:
-            for cid, cam in self.config.cameras.items():
-                if cam.scene == name and cam.enabled and cam.fps is not None and abs(built_fps - cam.fps) > 1e-3:
-                    # Temporal features compare consecutive sampled frames: the spacing must match.
-                    log.warning("camera %s samples at %s fps but scene %s's bank was built at %s fps: "
-                                "rebuild it with 'reference build --fps %s'", cid, cam.fps, name, built_fps, cam.fps)
-        seconds = time.perf_counter() - t0
-        log.info("scene %s: %d reference frames from %s loaded in %.2fs", name, len(bank), path.name, seconds)
-        self.metrics.observe_scene(name, len(bank), bank.bytes_per_frame() * len(bank), seconds,
-                                   bank.created_ts)
-        scorer = FrameScorer(thresholds, probe.config.temporal_window, probe.config.map_scored)
-        return Scene(name, path, bank, probe, thresholds, scorer, path.stat().st_mtime, seconds)
-
-    def _shared_extractor(self, bank: ReferenceBank, overrides: dict):
-        key = (*bank.backbone_key, overrides["device"], overrides["precision"])
-        if key not in self._extractors:
-            self._extractors[key] = Spade.for_bank(bank, **overrides).extractor
-        return self._extractors[key]
-
-    def reload_changed_scenes(self) -> list[str]:
-        """Swap in banks whose file changed; a broken new bank keeps the old one serving."""
-        reloaded = []
-        for name, scene in list(self.scenes.items()):
-            try:
-                mtime = scene.path.stat().st_mtime
-            except OSError:  # deleted or moved: keep serving the loaded bank, but say so
-                self.metrics.scene_file_missing(name, True)
-                continue
-            self.metrics.scene_file_missing(name, False)
-            if mtime != scene.mtime:
-                try:
-                    self.scenes[name] = self._load_scene(name, self.config.scenes[name])
-                    reloaded.append(name)
-                except BankError as exc:
-                    scene.mtime = mtime  # do not retry the same broken file every batch
-                    log.error("scene %s: keeping the previous bank: %s", name, exc)
-        return reloaded
 
     # -- the loop -------------------------------------------------------------------------------
     def recover_pending(self, min_idle_s: float = 0.0) -> int:
@@ -211,7 +120,7 @@ class EngineWorker:
             taken += self.recover_pending(eng.claim_idle_s)
         if now >= self._next_reload:
             self._next_reload = now + RELOAD_EVERY_S
-            self.reload_changed_scenes()  # _load_scene logs each reload
+            self.scenes.reload_changed()  # logs each reload
         wait = eng.max_wait_ms / 1000.0 if max_wait_s is None else max_wait_s
         msgs = self.bus.get_batch(eng.max_batch, wait)
         if msgs:
@@ -341,7 +250,7 @@ class EngineWorker:
                     out[idx[j]] = res
         return out
 
-    def _score_scene(self, scene: Scene, frames: list[Frame], feats: Features, late: bool = False):
+    def _score_scene(self, scene, frames: list[Frame], feats: Features, late: bool = False):
         eng = self.config.engine
         th = scene.thresholds
         res = scene.model.score_features(feats, scene.bank, maps=eng.escalate, tau=th.gate_tau)

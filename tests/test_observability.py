@@ -222,6 +222,6 @@ def test_engine_beats_while_it_loads_its_banks(scene, scene_bank, tmp_path):
     config = load_config(write_config(tmp_path / "m.yaml", {"cam": camera(scene.test_videos[0])}, scene_bank))
     engine = EngineWorker(config, InProcessBus(), publisher=None)
     before = time.time()
-    engine.load_scenes()
+    engine.scenes.load()
     beat = REGISTRY.get_sample_value("spade_engine_heartbeat_timestamp_seconds")
     assert beat is not None and before <= beat <= time.time()

@@ -14,7 +14,7 @@ from engine.spade import Spade
 from monitor.cli import main
 from monitor.ingest import CameraReader
 from monitor.replay import _prepare_out_dir, scene_name_for
-from monitor.worker import camera_misfit
+from monitor.scenes import camera_misfit
 
 FPS = 5
 
