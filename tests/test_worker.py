@@ -11,7 +11,7 @@ from monitor.bus import InProcessBus
 from monitor.config import parse_config
 from monitor.frames import Frame
 from monitor.metrics import FRAMES_DUPLICATE, FRAMES_PUBLISHED
-from monitor.publish import DirectoryPublisher
+from monitor.publish import DirectoryPublisher, PublishError
 from monitor.worker import EngineWorker
 
 
@@ -140,3 +140,48 @@ def test_frames_missing_from_a_camera_and_never_counted_are_reported_lost(scene,
     engine.drain(claim_idle_s=0.0)  # a stop: nothing is pending anywhere any more
     assert engine.stats.lost == 3
     assert FRAMES_DROPPED.labels("cam", "lost")._value.get() - lost_before == 3
+
+
+class _FlakySink:
+    """A folder publisher whose first `failures` result publications fail, as Redis down would."""
+
+    def __init__(self, inner, failures: int, bus=None):
+        self.inner, self.failures, self.bus = inner, failures, bus
+        self.unfinished_at_failures: list[int] = []  # the bus's pending frames at each failure
+
+    def publish_result(self, result, overlay=None):
+        if self.failures > 0:
+            self.failures -= 1
+            self.unfinished_at_failures.append(self.bus.pending() if self.bus else -1)
+            raise PublishError("redis at redis://127.0.0.1:1/0: publish failed (ConnectionError)")
+        return self.inner.publish_result(result, overlay)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_batch_is_acked_only_once_its_results_are_published(scene, worker, monkeypatch):
+    engine, bus, out = worker
+    monkeypatch.setattr("monitor.worker.PUBLISH_BACKOFF_START_S", 0.01)
+    engine.publisher = sink = _FlakySink(engine.publisher, failures=3, bus=bus)
+    for seq in range(3):
+        bus.put(_frame(scene, seq, "r1"), live=False)
+    engine.process(bus.get_batch(4, 1.0))
+    assert engine.stats.publish_retries == 3 and sink.unfinished_at_failures == [3, 3, 3]  # none acked meanwhile
+    assert [json.loads(x)["seq"] for x in (out / "results.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert bus.pending() == 0
+
+
+def test_a_stop_while_the_sink_is_down_leaves_the_batch_unacked_for_the_next_engine(scene, worker):
+    import threading
+
+    engine, bus, out = worker
+    engine.publisher = _FlakySink(engine.publisher, failures=10**6)
+    engine.stopping = threading.Event()
+    threading.Timer(0.5, engine.stopping.set).start()
+    for seq in range(2):
+        bus.put(_frame(scene, seq, "r1"), live=False)
+    engine._process_safely(bus.get_batch(4, 1.0))
+    assert engine.stats.abandoned == 2 and engine.stats.failed == 0
+    assert bus.pending() == 2  # delivered, not acknowledged: a Redis bus re-delivers them
+    assert not (out / "results.jsonl").exists() or not (out / "results.jsonl").read_text()
