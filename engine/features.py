@@ -26,16 +26,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 # On a CPU, a backbone pass over more pixels than this is slower per frame: the activations
-# leave the caches (EfficientNet-Lite0 bf16, 1 thread, 240x320: 60 frames/s in passes of 4
-# frames, 30-38 in one pass of 16). Larger batches are split into passes of this size.
+# leave the caches (README, Performance). Larger batches are split into passes of this size.
 CPU_PIXELS_PER_PASS = 4 * 240 * 320
 
 
 def cuda_batch_bucket(n: int) -> int:
     """The batch size a CUDA pass of n frames is padded to: the next power of two.
 
-    cuDNN plans its convolutions once per input shape, and on an H100 that took 1.2-4 s per new
-    batch size for EfficientNet-Lite0, against 5-8 ms for the pass itself. A service's batches
+    cuDNN plans its convolutions once per input shape, which takes hundreds of times longer than
+    a pass (README, On a GPU). A service's batches
     come in every size up to its maximum, so they are padded to a few sizes that are planned
     at start-up (warm_up); padding wastes at most half a pass.
     """

@@ -4,10 +4,9 @@ Two paths give the same maps within a documented tolerance:
 
 - exact (fp32): |q|^2 + |g|^2 - 2 q.g as fp32 matrix products, chunked over the gallery.
 - reduced precision (bf16 on CPUs with native bf16 dot products and on CUDA GPUs from Ampere on):
-  the same expansion as one bf16 matrix product, about 4x faster on such CPUs. It measures
+  the same expansion as one bf16 matrix product, several times faster on such CPUs. It measures
   distances between the bf16-rounded features exactly (fp32 accumulation), then rounds -d^2
-  to bf16: maps move by 0.2% at worst on the demo camera bank (tests bound cells at 2% and
-  maps at 0.5%). Centring on the gallery's mean keeps the rounding of the features small.
+  to bf16 (tests bound the change at 2% of a cell and 0.5% of a map). Centring on the gallery's mean keeps the rounding of the features small.
   Never fp16, even under fp16 autocast: its range ends at 65504, and the squared distance of
   an anomalous cell can pass that (it came out NaN).
 

@@ -415,8 +415,7 @@ class Spade:
 
     def warm_up(self, bank: ReferenceBank, batch_size: int) -> None:
         """Run each kernel once and build the gate's index, so the first frames do not pay for
-        it (about 1 s on a CPU, more for a large bank's index; on CUDA 1-4 s per padded batch
-        size, see cuda_batch_bucket)."""
+        it (on CUDA, every padded batch size is planned: see cuda_batch_bucket)."""
         self.extractor.warm_up(batch_size, bank.input_size)
         prepare_gate(bank.global_feats, self.device)  # the index lives where the queries are
         one = Features(global_=bank.global_feats[:1].float(),

@@ -99,7 +99,7 @@ class EngineConfig:
     # Frames another engine took but did not acknowledge for this long are presumed orphaned.
     claim_idle_s: float = field(default=30.0, metadata=_POSITIVE)
     # CPU threads for the backbone; null = torch's default. Where ingest decoding shares the
-    # cores, 1 avoids thread oversubscription stalls (measured: 5-13 -> 85 frames/s on 2 cores).
+    # cores, 1 avoids thread oversubscription stalls (README, Performance).
     threads: Optional[int] = field(default=None, metadata=_check(lambda v: v is None or v >= 1, ">= 1"))
 
 
