@@ -1,7 +1,7 @@
 """Names the CLI offers before anything heavy is loaded: `--help` must not wait for torch.
 
 The sources of truth are engine.spade.PRESETS and engine.backbones.available();
-tests/test_cli.py fails when these lists drift from them. Import nothing here.
+tests/monitor/test_cli.py fails when these lists drift from them. Import nothing here.
 """
 
 PRESET_NAMES = ("camera", "inspection", "paper", "paper-stc")

@@ -22,7 +22,7 @@ from engine.datasets import (
 from engine.errors import DataError
 
 H, W = 24, 32
-SHARED_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
+SHARED_DATA = Path(__file__).resolve().parents[3] / 'shared' / 'data'
 
 
 def write_rgb(path: Path, rgb: np.ndarray) -> Path:

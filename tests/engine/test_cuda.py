@@ -1,5 +1,5 @@
 """The CUDA paths agree with the CPU's fp32 results. They skip on machines without a GPU (CI);
-run them where one is lent: `python -m pytest tests/test_cuda.py`."""
+run them where one is lent: `python -m pytest tests/engine/test_cuda.py`."""
 from __future__ import annotations
 
 import json

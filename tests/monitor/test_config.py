@@ -11,7 +11,7 @@ from engine.errors import ConfigError
 from monitor.config import CameraConfig, MonitorConfig, RedisConfig, camera_ids, load_config, parse_config
 from monitor.urls import redact_url
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.fixture

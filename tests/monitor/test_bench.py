@@ -11,7 +11,7 @@ import torch
 
 from monitor.bench import TARGETS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args, timeout=300):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from monitor.cli import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "torchvision", "numpy", "cv2", "av", "matplotlib", "safetensors", "engine.spade",
          "engine.backbones")
 
