@@ -6,7 +6,6 @@ publish_status / close, so the service can fan out with MultiPublisher.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -17,10 +16,11 @@ import cv2
 import numpy as np
 
 from engine.errors import ConfigError, SpadeError
-from engine.visualize import heatmap_overlay, save_score_timeline
+from engine.visualize import heatmap_overlay
 from monitor.events import Event
 from monitor.frames import NAME_RULE, is_safe_name
 from monitor.results import FrameResult
+from monitor.timelines import ScoreTimelines
 from monitor.urls import redact_url, scrub
 
 STATUS_MAXLEN = 1000  # status messages are a heartbeat log; a short tail is enough
@@ -282,7 +282,7 @@ class StatusFile:
 
 class DirectoryPublisher:
     """Offline sink: results.jsonl, events.jsonl, status.jsonl, overlays/<camera>/<seq>.jpg,
-    and timeline_<camera>.png at close().
+    and timeline_<camera>.png at close() (monitor/timelines.py draws them).
 
     Files are appended to and flushed per line, so an interrupted replay keeps what it
     wrote; results already in results.jsonl are not written again (same dedupe as Redis).
@@ -297,8 +297,7 @@ class DirectoryPublisher:
         self.out_dir = Path(out_dir)
         self._seen = RecentKeys(self.DEDUPE_WINDOW)
         self._last_event: dict[str, dict] = {}  # camera -> its last event record
-        # camera -> [(run_id, seq, score, flagged, tau)] for the timelines
-        self._scores: dict[str, deque[tuple[str, int, float, bool, float]]] = {}
+        self._timelines = ScoreTimelines(self.TIMELINE_POINTS)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._load_existing(self.out_dir / "results.jsonl")
@@ -327,7 +326,7 @@ class DirectoryPublisher:
             raise PublishError(f"cannot write result {result.camera}/{result.seq} to {self.out_dir}: "
                                f"{exc.strerror or exc}") from None
         self._seen.add(result.key)
-        self._remember(result.camera, result.run_id, result.seq, result.image_score, result.flagged, result.tau)
+        self._timelines.add(result.camera, result.run_id, result.seq, result.image_score, result.flagged, result.tau)
         return True
 
     def open_event(self, camera: str) -> Event | None:
@@ -352,8 +351,7 @@ class DirectoryPublisher:
         self._closed = True
         for handle in (self._results, self._events):
             handle.close()
-        for camera, samples in self._scores.items():
-            self._save_timeline(camera, samples)
+        self._timelines.save(self.out_dir)
 
     def _open(self, name: str) -> IO[str]:
         path = self.out_dir / name
@@ -367,10 +365,6 @@ class DirectoryPublisher:
     def _write(handle: IO[str], record: dict) -> None:
         handle.write(json.dumps(record, allow_nan=False) + "\n")
         handle.flush()
-
-    def _remember(self, camera: str, run_id: str, seq: int, score: float, flagged: bool, tau: float) -> None:
-        samples = self._scores.setdefault(camera, deque(maxlen=self.TIMELINE_POINTS))
-        samples.append((run_id, seq, score, flagged, tau))
 
     def _load_last_events(self, path: Path) -> None:
         for record in _json_lines(path):
@@ -388,33 +382,7 @@ class DirectoryPublisher:
                 continue
             if key not in self._seen:
                 self._seen.add(key)
-                self._remember(key[0], key[1], key[2], *sample)
-
-    def _save_timeline(self, camera: str, samples: Sequence[tuple[str, int, float, bool, float]]) -> None:
-        if not samples:
-            return
-        seqs = [s[1] for s in samples]
-        first, last = min(seqs), max(seqs)
-        title = f"{camera}: image score, flagged frames shaded"
-        if len({s[0] for s in samples}) == 1 and last - first + 1 <= 4 * len(samples) + 100:
-            # One run: place scores at their seq, gaps (dropped frames) left empty.
-            scores = np.full(last - first + 1, np.nan)
-            flags = np.zeros(last - first + 1, dtype=np.uint8)
-            for _, seq, score, flagged, _ in samples:
-                scores[seq - first] = score
-                flags[seq - first] = flagged
-            if first:
-                title += f" (x = seq - {first})"
-        else:
-            # Several runs (seq restarts) or a sparse sample: plot in arrival order.
-            scores = np.array([s[2] for s in samples], dtype=np.float64)
-            flags = np.array([s[3] for s in samples], dtype=np.uint8)
-            title += " (arrival order)"
-        tau = samples[-1][4]
-        save_score_timeline(self.out_dir / f"timeline_{camera}.png", scores, labels=flags,
-                            threshold=tau if math.isfinite(tau) else None, title=title,
-                            shade_label="flagged")
-
+                self._timelines.add(key[0], key[1], key[2], *sample)
 
 class MultiPublisher:
     """Fans every call out to several publishers, in order; the first one's overlay_ref is kept."""

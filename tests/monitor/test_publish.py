@@ -304,7 +304,7 @@ def test_a_long_running_folder_publisher_keeps_bounded_memory(tmp_path, monkeypa
     pub = DirectoryPublisher(tmp_path)
     for seq in range(1000):
         assert pub.publish_result(make_result(seq=seq, camera="cam"))
-    assert len(pub._seen) == 100 and len(pub._scores["cam"]) == 50
+    assert len(pub._seen) == 100 and len(pub._timelines.samples["cam"]) == 50
     assert not pub.publish_result(make_result(seq=999, camera="cam"))  # recent: still deduplicated
     pub.close()
     assert (tmp_path / "timeline_cam.png").is_file()
