@@ -392,8 +392,11 @@ def _video_codec() -> str:
     raise DataError("PyAV has no H.264 or MPEG-4 encoder; pass write_videos=False or install a full PyAV")
 
 
-class _VideoWriter:
-    def __init__(self, path: Path, size: tuple[int, int], fps: float):
+class VideoWriter:
+    """H.264 (MPEG-4 part 2 where FFmpeg lacks it), without B-frames as IP cameras send: decode
+    order is display order. gop: a keyframe every that many frames (None: the encoder's choice)."""
+
+    def __init__(self, path: Path, size: tuple[int, int], fps: float, gop: int | None = None):
         import av
         self.av = av
         self.container = av.open(str(path), 'w')
@@ -403,6 +406,9 @@ class _VideoWriter:
         self.stream.height, self.stream.width = size
         self.stream.pix_fmt = 'yuv420p'
         self.stream.codec_context.time_base = 1 / rate
+        self.stream.codec_context.max_b_frames = 0
+        if gop is not None:
+            self.stream.codec_context.gop_size = gop
         if codec == 'mpeg4':
             self.stream.bit_rate = 8_000_000
             self.stream.options = {'qscale': '2'}
@@ -421,6 +427,15 @@ class _VideoWriter:
         for packet in self.stream.encode():
             self.container.mux(packet)
         self.container.close()
+
+
+def write_video(frames: list[np.ndarray], path: Path, fps: float, gop: int | None = None) -> Path:
+    """RGB frames to a video file (see VideoWriter)."""
+    writer = VideoWriter(Path(path), frames[0].shape[:2], fps, gop)
+    for rgb in frames:
+        writer.write(rgb)
+    writer.close()
+    return Path(path)
 
 
 def _check_args(size, n_train_clips, train_len, n_test_clips, test_len, fps) -> tuple[int, int]:
@@ -479,7 +494,7 @@ def make_scene(out_dir: str | Path, *, seed: int = 0, size: tuple[int, int] = (2
         frame_dir = out / 'training' / 'frames' / clip
         frame_dir.mkdir(parents=True)
         video_path = out / 'videos' / f'train_{clip}.mp4'
-        writer = _VideoWriter(video_path, (h, w), fps) if write_videos else None
+        writer = VideoWriter(video_path, (h, w), fps) if write_videos else None
         fdig = max(3, len(str(train_len - 1)))
         for t in range(train_len):
             rgb, _ = renderer.frame(t)
@@ -507,7 +522,7 @@ def make_scene(out_dir: str | Path, *, seed: int = 0, size: tuple[int, int] = (2
         frame_dir.mkdir(parents=True)
         mask_dir.mkdir(parents=True)
         video_path = out / 'videos' / f'test_{clip}.mp4'
-        writer = _VideoWriter(video_path, (h, w), fps) if write_videos else None
+        writer = VideoWriter(video_path, (h, w), fps) if write_videos else None
         fdig = max(3, len(str(test_len - 1)))
         labels = np.zeros(test_len, np.uint8)
         for t in range(test_len):

@@ -167,35 +167,10 @@ def decode_video(path: Path) -> list[np.ndarray]:
 
 
 def encode_video(frames: list[np.ndarray], path: Path, fps: float) -> Path:
-    """H.264 (MPEG-4 part 2 if FFmpeg lacks it) without B-frames, as many IP cameras send: decode
-    order is display order, so the first M packets are exactly the first M frames."""
-    import av
+    """The bench's clip: a keyframe every GOP frames, so runs can start there."""
+    from engine.synthetic import write_video
 
-    with av.open(str(path), "w") as out:
-        stream = None
-        for name, options in (("libx264", {"crf": "18", "preset": "veryfast"}), ("mpeg4", {"qscale": "2"})):
-            try:
-                stream = out.add_stream(name, rate=Fraction(fps).limit_denominator(1001))
-                stream.options = options
-                break
-            except Exception:  # not built into this FFmpeg
-                continue
-        if stream is None:
-            from engine.errors import DataError
-
-            raise DataError("PyAV has no H.264 or MPEG-4 encoder: the bench cannot write its test video")
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.max_b_frames = 0
-        stream.codec_context.gop_size = GOP  # a keyframe every GOP frames: clips can start there
-        for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+    return write_video(frames, path, fps, gop=GOP)
 
 
 def keyframes(path: Path) -> list[int]:

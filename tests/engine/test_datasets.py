@@ -1,13 +1,13 @@
 """Readers for image folders, videos, MVTec AD and the two video-anomaly layouts."""
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from engine import synthetic
 from engine.datasets import (
     Clip,
     DecodeStats,
@@ -42,21 +42,8 @@ def solid(value: int, h: int = H, w: int = W) -> np.ndarray:
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
-    import av
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), 'w') as container:
-        stream = container.add_stream('mpeg4', rate=Fraction(fps))
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = 'yuv420p'
-        stream.options = {'qscale': '2'}
-        for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format='rgb24')
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return synthetic.write_video(frames, path, fps)
 
 
 # ---------------------------------------------------------------- images, videos, sources
