@@ -47,25 +47,26 @@ def redact_url(url: str) -> str:
     return prefix + _SECRET_PARAM_RE.sub(r"\1***", rest)
 
 
-def url_password(url: str) -> str | None:
-    """The password in the URL's userinfo, decoded; None without one."""
+def _raw_password(url: str) -> str | None:
+    """The password in the URL's userinfo as written (percent-encoded); None without one."""
     try:
-        password = urlsplit(str(url)).password
+        return urlsplit(str(url)).password or None
     except ValueError:
         return None
-    return unquote(password) if password else None
+
+
+def url_password(url: str) -> str | None:
+    """The password in the URL's userinfo, decoded; None without one."""
+    raw = _raw_password(url)
+    return unquote(raw) if raw else None
 
 
 def scrub(text: str, url: str) -> str:
     """A message on one line, without url's credentials in any form (libraries echo URLs)."""
     text = str(text).replace(str(url), redact_url(url))
     text = _EMBEDDED_USERINFO_RE.sub(r"\g<scheme>***@", text)  # other URLs in it, or ours reformatted
-    password = url_password(url)
-    if password and len(password) >= MIN_SCRUBBED_PASSWORD:
-        try:
-            raw = urlsplit(str(url)).password or password
-        except ValueError:
-            raw = password
-        for form in {password, raw}:
+    raw = _raw_password(url)
+    if raw and len(unquote(raw)) >= MIN_SCRUBBED_PASSWORD:
+        for form in {raw, unquote(raw)}:
             text = text.replace(form, "***")
     return " ".join(text.split())
