@@ -44,9 +44,9 @@ from engine.errors import ConfigError, SpadeError
 from .bus import BusClosed, InProcessBus, RedisFrameBus
 from .config import MonitorConfig, camera_ids
 from .ingest import OFFLINE, IngestWorker
-from .metrics import Health, IngestMetrics, mark_process_dead, multiprocess_registry, serve
 from .publish import DirectoryPublisher, MultiPublisher, PublishError, RedisPublisher, StatusFile
 from .retry import Backoff
+from .telemetry import Health, IngestMetrics, mark_process_dead, multiprocess_registry, serve
 from .urls import scrub
 
 log = logging.getLogger(__name__)

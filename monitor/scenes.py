@@ -14,7 +14,7 @@ from engine.decision import FrameScorer, Thresholds
 from engine.errors import BankError
 from engine.spade import Spade
 
-from .metrics import EngineMetrics
+from .telemetry import EngineMetrics
 
 log = logging.getLogger(__name__)
 

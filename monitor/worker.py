@@ -1,6 +1,6 @@
-"""The engine worker: batches frames from every camera, gates them, escalates, publishes, acks.
+"""The engine worker: the loop that takes batches off the bus, has them scored (scoring.py),
+delivers the results (delivery.py) and only then acks them.
 
-One backbone pass serves every frame of a batch whose scenes share a model and input size.
 A frame is acknowledged on the bus only after its result is published, so a crash between
 the two re-delivers it; the publisher's dedupe guard makes the second publication harmless.
 While a sink is down, publishing is retried and nothing is acked; a stop during the outage
@@ -18,23 +18,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.backbones import Features
-
-from .events import EventTracker
-from .frames import Frame
+from .delivery import Abandoned, ResultDelivery
 from .ledger import SeqLedger
-from .metrics import EngineMetrics
-from .publish import PublishError, encode_overlay
-from .results import FrameResult, regions_from_map
-from .retry import Backoff
+from .results import FrameResult
 from .scenes import SceneSet
+from .scoring import BatchScorer
+from .telemetry import EngineMetrics
 
 log = logging.getLogger(__name__)
 
 RELOAD_EVERY_S = 5.0
 STATS_EVERY_S = 30.0
-PUBLISH_BACKOFF_START_S = 0.2
-PUBLISH_BACKOFF_MAX_S = 5.0
 
 
 def _camera_of(msg) -> str:
@@ -42,10 +36,6 @@ def _camera_of(msg) -> str:
     if msg.frame is not None:
         return msg.frame.camera
     return msg.id.split("/", 1)[0] if "/" in msg.id else "unknown"
-
-
-class _Abandoned(Exception):
-    """Internal: stop was requested while the sink was down; the batch stays unacked."""
 
 
 @dataclass
@@ -72,24 +62,35 @@ class EngineWorker:
             torch.set_num_threads(config.engine.threads)
         self.config = config
         self.bus = bus
-        self.publisher = publisher
         self.metrics = metrics if metrics is not None else EngineMetrics()
         self.stats = EngineStats()
         self.scenes = SceneSet(config, self.metrics)
-        self._trackers: dict[str, EventTracker] = {}
-        self._inherited: dict[str, list] = {}  # camera -> the end of an event a dead engine left open
-        self._previous: dict = {}  # camera -> pyramid of its last frame, for temporal features
+        camera_scene = {cid: cam.scene for cid, cam in config.cameras.items() if cam.enabled}
+        self.scorer = BatchScorer(self.scenes, camera_scene, self.stats, config.engine.escalate,
+                                  config.outputs.overlays)
         # Frames a Redis data loss took are counted once a dead engine's frames had time to be claimed.
         self.ledger = SeqLedger(grace_s=2 * config.engine.claim_idle_s)
+        self.delivery = ResultDelivery(publisher, config.events, self.metrics, self.stats, self.ledger)
         self._data_losses = 0  # the bus's count of Redis data losses, as last seen
-        self.camera_scene = {cid: cam.scene for cid, cam in config.cameras.items() if cam.enabled}
-        self.stopping = None  # an Event; set by run(), checked while publishing is being retried
         now = time.monotonic()
         self._next_claim = now  # claim at once: a previous engine may have died with frames pending
         self._next_reload = now + RELOAD_EVERY_S
         self._next_stats = now + STATS_EVERY_S
         self._stats_mark = (now, 0)
         self.scenes.load()
+
+    @property
+    def publisher(self):
+        return self.delivery.publisher
+
+    @property
+    def stopping(self):
+        """An Event: set by run(); a stop during a sink outage abandons the batch unacked."""
+        return self.delivery.stopping
+
+    @stopping.setter
+    def stopping(self, event) -> None:
+        self.delivery.stopping = event
 
     @property
     def device(self) -> str:
@@ -174,7 +175,7 @@ class EngineWorker:
     def _process_safely(self, msgs, late: bool = False) -> None:
         try:
             self.process(msgs, late=late)
-        except _Abandoned:
+        except Abandoned:
             self.stats.abandoned += len(msgs)
             log.warning("stopping while results cannot be published: %d frame(s) left unacknowledged "
                         "for the next engine", len(msgs))
@@ -209,141 +210,25 @@ class EngineWorker:
                 log.warning("skipped a corrupt frame: %s", m.error)
                 self.metrics.observe_drop(_camera_of(m), "corrupt")
                 ack_now.append(m.id)
-            elif self.camera_scene.get(m.frame.camera) not in self.scenes:
+            elif not self.scorer.knows(m.frame.camera):
                 self.stats.unknown_camera += 1
                 ack_now.append(m.id)
             else:
                 good.append(m)
-        results = self._score([m.frame for m in good], late) if good else []
-        self._publish(results, good)
+        frames = [m.frame for m in good]
+        results = self.scorer.score(frames, late) if good else []
+        t0 = time.perf_counter()
+        self.delivery.deliver(results, frames)
+        self.stats.stage_seconds["publish"] += time.perf_counter() - t0
         self.bus.ack(ack_now + [m.id for m in good])
         self.stats.batches += 1
         self.stats.frames += len(good)
         self.stats.stage_seconds["batch"] += time.perf_counter() - t_start
         stages = {k: v - stages_before.get(k, 0.0) for k, v in self.stats.stage_seconds.items()
                   if k != "batch" and v != stages_before.get(k, 0.0)}
-        self.metrics.observe_batch(len(good), stages, [max(0.0, wall_start - m.frame.capture_ts) for m in good])
-        return results
-
-    def _score(self, frames: list[Frame], late: bool = False) -> list[tuple[FrameResult, bytes | None]]:
-        groups: dict[tuple, list[int]] = defaultdict(list)  # frames by the backbone pass they share
-        for i, f in enumerate(frames):
-            scene = self.scenes[self.camera_scene[f.camera]]
-            groups[scene.model.pass_key(scene.bank)].append(i)
-        out: list = [None] * len(frames)
-        for idx in groups.values():
-            first = self.scenes[self.camera_scene[frames[idx[0]].camera]]
-            t0 = time.perf_counter()
-            # Late frames find their predecessors in their own batch only, and leave the context alone.
-            feats = first.model.features([frames[i].image for i in idx], first.model.bank_preprocess(first.bank),
-                                         streams=[frames[i].camera for i in idx],
-                                         context={} if late else self._previous)
-            self.stats.stage_seconds["backbone"] += time.perf_counter() - t0
-            by_scene: dict[str, list[int]] = defaultdict(list)
-            for j, i in enumerate(idx):
-                by_scene[self.camera_scene[frames[i].camera]].append(j)
-            for scene_name, rows in by_scene.items():
-                scene = self.scenes[scene_name]
-                sel = torch.tensor(rows, device=feats.global_.device)
-                sub = Features(global_=feats.global_[sel], pyramid={k: v[sel] for k, v in feats.pyramid.items()})
-                for j, res in zip(rows, self._score_scene(scene, [frames[idx[r]] for r in rows], sub, late)):
-                    out[idx[j]] = res
-        return out
-
-    def _score_scene(self, scene, frames: list[Frame], feats: Features, late: bool = False):
-        eng = self.config.engine
-        th = scene.thresholds
-        res = scene.model.score_features(feats, scene.bank, maps=eng.escalate, tau=th.gate_tau)
-        self.stats.stage_seconds["gate"] += res.gate_seconds
-        if res.map_rows:  # batches without escalations would pull the stage's quantiles to zero
-            self.stats.stage_seconds["pixel_matching"] += res.match_seconds
-        maps = dict(zip(res.map_rows, res.maps if res.maps is not None else []))
-        results = []
-        for i, frame in enumerate(frames):
-            amap = maps.get(i)
-            raw = float(res.image_scores[i])
-            score, flagged = scene.scorer.alone(raw) if late else scene.scorer(frame.camera, raw)
-            result = FrameResult(
-                camera=frame.camera, run_id=frame.run_id, seq=frame.seq, source_ts=frame.source_ts,
-                capture_ts=frame.capture_ts, published_ts=None, scene=scene.name, image_score=score,
-                tau=th.tau, flagged=flagged, escalated=amap is not None,
-                max_pixel_score=None, theta=th.theta, anomalous_area=None, boxes=[], overlay_ref=None, late=late,
-            )
-            overlay = None
-            if amap is not None:
-                result.max_pixel_score = float(amap.max())
-                result.anomalous_area, result.boxes = regions_from_map(amap, th.theta, frame.image.shape[:2])
-                if result.flagged and self.config.outputs.overlays:
-                    t1 = time.perf_counter()
-                    image = scene.model.bank_preprocess(scene.bank).frame(frame.image)
-                    overlay = encode_overlay(image, amap, th.theta)
-                    self.stats.stage_seconds["overlay"] += time.perf_counter() - t1
-            self.stats.escalated += amap is not None
-            self.stats.flagged += result.flagged
-            results.append((result, overlay))
-        return results
-
-    def _publish(self, results, msgs) -> None:
-        t0 = time.perf_counter()
-        i, events = 0, []
-        backoff = Backoff(PUBLISH_BACKOFF_START_S, PUBLISH_BACKOFF_MAX_S)
-        while i < len(results) or events:
-            try:
-                if events:  # before the next result: keeps events in order
-                    self.publisher.publish_events(events)
-                    self.stats.events_started += sum(e.kind == "start" for e in events)
-                    self.metrics.observe_events(events)
-                    events = []
-                if i < len(results):
-                    result, overlay = results[i]
-                    tracker = self._tracker(result)
-                    if self.publisher.publish_result(result, overlay):  # idempotent, so safe to retry
-                        self.metrics.observe_result(result)
-                        if not result.late:  # a late frame would reopen what its successors closed
-                            events = tracker.update(result, result.overlay_ref)
-                    else:  # published before a crash: its events went out with it
-                        self.stats.duplicates += 1
-                        self.metrics.observe_duplicate(result.camera)
-                    frame = msgs[i].frame
-                    self.ledger.observe(frame.camera, frame.run_id, frame.seq, frame.dropped_before, time.monotonic())
-                    events = self._inherited.pop(result.camera, []) + events
-                    i += 1
-                backoff.reset()
-            except PublishError as exc:
-                # Keep the frames unacked and retry: nothing accepted is lost while Redis is down.
-                self.stats.publish_retries += 1
-                if self.stopping is not None and self.stopping.is_set():
-                    raise _Abandoned() from None
-                delay = backoff.next()
-                log.warning("publishing failed, retrying in %.1fs: %s", delay, exc)
-                if self.stopping is not None:
-                    self.stopping.wait(delay)
-                else:
-                    time.sleep(delay)
-        self.stats.stage_seconds["publish"] += time.perf_counter() - t0
-
-    def _tracker(self, result: FrameResult) -> EventTracker:
-        """The camera's event tracker. The first time, an event a dead engine left open on the
-        camera is taken over (same ingest run) or ended (its end waits in _inherited)."""
-        camera = result.camera
-        if camera in self._trackers:
-            return self._trackers[camera]
-        ev = self.config.events
-        tracker = EventTracker(ev.open_after, ev.window, ev.close_after)
-        left_open = self.publisher.open_event(camera)  # may raise PublishError: retried with the result
-        if left_open is not None:
-            self._inherited[camera] = tracker.adopt(left_open, result.run_id)
-            log.info("camera %s: %s the event %s a previous engine left open", camera,
-                     "ended" if self._inherited[camera] else "took over", left_open.event_id)
-        self._trackers[camera] = tracker
-        return tracker
+        self.metrics.observe_batch(len(good), stages, [max(0.0, wall_start - f.capture_ts) for f in frames])
+        return [r for r, _ in results]
 
     def close(self) -> None:
         """End open events (a stopped engine cannot see them end)."""
-        events = [e for tracker in self._trackers.values() for e in tracker.flush()]
-        if events:
-            try:
-                self.publisher.publish_events(events)
-                self.metrics.observe_events(events)
-            except PublishError as exc:
-                log.warning("could not publish the end of %d open event(s): %s", len(events), exc)
+        self.delivery.close()

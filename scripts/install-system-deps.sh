@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Debian packages the tests run for real: redis-server, an RTSP server (gst-rtsp-server) and promtool.
+# Debian packages the tests run for real: redis-server, an RTSP server (gst-rtsp-server), promtool,
+# and a headless Chromium with its driver for the console's browser tests.
 set -euo pipefail
 packages=(redis-server python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base
           gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
-          gstreamer1.0-libav prometheus)
+          gstreamer1.0-libav prometheus chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -110,7 +110,7 @@ class Service:
 
 def counters(metrics_dir: Path) -> dict[str, dict[str, float]]:
     """Per camera: sampled, published, duplicated and dropped (by reason, as dropped:REASON)."""
-    from monitor.metrics import multiprocess_registry
+    from monitor.telemetry import multiprocess_registry
 
     wanted = {"spade_camera_frames_sampled_total": "sampled", "spade_camera_frames_published_total": "published",
               "spade_engine_frames_duplicate_total": "duplicated", "spade_camera_frames_dropped_total": "dropped"}

@@ -1,6 +1,6 @@
 """Metric names referenced by the PromQL in deploy/ (the Grafana dashboard and the alert rules).
 
-A helper for the tests, not a test: test_deploy.py checks the names against monitor/metrics.py,
+A helper for the tests, not a test: test_deploy.py checks the names against monitor/telemetry.py,
 and a live-scrape test can check them against what the services export. A small tokenizer, not
 a PromQL parser: it drops strings, label matchers, ranges, grouping labels and Grafana variables,
 then keeps the identifiers that are not functions, aggregations or keywords.

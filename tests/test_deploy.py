@@ -28,7 +28,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "spade-monitor.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDER = DEPLOY / "grafana" / "provisioning" / "dashboards" / "spade.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
-METRICS_SOURCE = ROOT / "monitor" / "metrics.py"
+METRICS_SOURCE = ROOT / "monitor" / "telemetry.py"
 
 ALERTS = {"CameraDown", "HighFrameDropRate", "EngineLagging", "EngineDown", "AnomalyEventOpen",
           "ReferenceBankMissing", "ReferenceBankStale"}
@@ -128,7 +128,7 @@ def test_prometheus_scrapes_the_compose_services():
     assert jobs == {"spade-ingest": [f"ingest:{METRICS_PORT}"], "spade-engine": [f"engine:{METRICS_PORT}"]}
 
 
-# -- metric names: the contract lives in monitor/metrics.py ---------------------------------------
+# -- metric names: the contract lives in monitor/telemetry.py ---------------------------------------
 
 def _exported_names(source: str) -> set[str]:
     """String literals starting with spade_ in the exporter's source, as full series names."""
@@ -142,7 +142,7 @@ def _exported_names(source: str) -> set[str]:
 
 def test_referenced_metrics_are_exported():
     exported = _exported_names(METRICS_SOURCE.read_text(encoding="utf-8"))
-    assert "spade_camera_frames_sampled_total" in exported, "metric names are string literals in monitor/metrics.py"
+    assert "spade_camera_frames_sampled_total" in exported, "metric names are string literals in monitor/telemetry.py"
     referenced = referenced_metric_names(DASHBOARD, RULES)
     assert "up" in referenced and any(n.startswith("spade_") for n in referenced)
     assert referenced - exported - {"up"} == set()

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_service import camera, procs, wait_for, write_config  # noqa: F401 (procs is a fixture)
 
 from engine.errors import ConfigError
-from monitor.metrics import Health, MetricsServer
+from monitor.telemetry import Health, MetricsServer
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "spade-monitor.json"

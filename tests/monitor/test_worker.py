@@ -10,8 +10,8 @@ from engine.datasets import iter_video_frames
 from monitor.bus import InProcessBus
 from monitor.config import parse_config
 from monitor.frames import Frame
-from monitor.metrics import FRAMES_DUPLICATE, FRAMES_PUBLISHED
 from monitor.publish import DirectoryPublisher, PublishError
+from monitor.telemetry import FRAMES_DUPLICATE, FRAMES_PUBLISHED
 from monitor.worker import EngineWorker
 
 
@@ -126,7 +126,7 @@ def test_frames_missing_from_a_camera_and_never_counted_are_reported_lost(scene,
     """A Redis crash takes frames without a trace on the ingest side: the engine sees the gap in
     the camera's seq, tells it from the drops the bus counted, and counts the rest as lost."""
     engine, bus, _ = worker
-    from monitor.metrics import FRAMES_DROPPED
+    from monitor.telemetry import FRAMES_DROPPED
 
     image = next(iter(iter_video_frames(scene.test_videos[0])))
     lost_before = FRAMES_DROPPED.labels("cam", "lost")._value.get()
@@ -162,8 +162,8 @@ class _FlakySink:
 
 def test_a_batch_is_acked_only_once_its_results_are_published(scene, worker, monkeypatch):
     engine, bus, out = worker
-    monkeypatch.setattr("monitor.worker.PUBLISH_BACKOFF_START_S", 0.01)
-    engine.publisher = sink = _FlakySink(engine.publisher, failures=3, bus=bus)
+    monkeypatch.setattr("monitor.delivery.BACKOFF_START_S", 0.01)
+    engine.delivery.publisher = sink = _FlakySink(engine.publisher, failures=3, bus=bus)
     for seq in range(3):
         bus.put(_frame(scene, seq, "r1"), live=False)
     engine.process(bus.get_batch(4, 1.0))
@@ -176,7 +176,7 @@ def test_a_stop_while_the_sink_is_down_leaves_the_batch_unacked_for_the_next_eng
     import threading
 
     engine, bus, out = worker
-    engine.publisher = _FlakySink(engine.publisher, failures=10**6)
+    engine.delivery.publisher = _FlakySink(engine.publisher, failures=10**6)
     engine.stopping = threading.Event()
     threading.Timer(0.5, engine.stopping.set).start()
     for seq in range(2):
