@@ -1,24 +1,28 @@
-"""The service's YAML configuration: strict parsing into plain dataclasses.
+"""The service's YAML configuration: strict parsing into pydantic models, one per section.
 
-Strict like Frigate's: unknown keys, wrong types and missing required keys are errors. Every
-error is a one-line ConfigError that names the dotted key path and what was expected, and no
-error message or repr ever shows a credential from a camera source or the Redis URL.
+Strict like Frigate's: unknown keys, wrong types and missing required keys are errors, and nothing
+is coerced ("5" is no number, 1 is not true). `_build` turns pydantic's errors into one-line
+ConfigErrors that name the dotted key path and what was expected, and no error message, repr or
+str ever shows a credential from a camera source or the Redis URL.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 from urllib.parse import quote, unquote, urlsplit
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic.functional_validators import AfterValidator, BeforeValidator
+from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError
 from monitor.frames import NAME_RULE, is_safe_name
@@ -31,35 +35,53 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 # -- schema -------------------------------------------------------------------------------------
-# Field metadata read by the validator: "check" = (predicate, "what it must be"), "expect" =
-# wording that replaces the type's own description, "id" = the dict's keys are ids of this kind.
+# A field's `description` is the wording errors use for what its value must be; without one it
+# is derived from the type and its bounds ("an integer >= 1 or null").
 
-def _check(pred: typing.Callable[[Any], bool], what: str) -> dict:
-    """A constraint on top of the type; `what` completes "expected an integer ...", e.g. ">= 1"."""
-    return {"check": (pred, what)}
-
-
-def _rule(pred: typing.Callable[[Any], bool], expect: str) -> dict:
-    """A constraint whose wording replaces the type's, e.g. "auto, cpu, mps, cuda or cuda:N"."""
-    return {"check": (pred, expect), "expect": expect}
+_Text = Annotated[str, Field(pattern=r"\S")]  # a blank string is as good as missing
+_Positive = Annotated[int, Field(gt=0)]
 
 
-def _at_least(n: float) -> dict:
-    return _check(lambda v: v >= n, f">= {n}")
+def _rule(test: typing.Callable[[str], Any]) -> AfterValidator:
+    """A check beyond the type; the field's description says what passes."""
+    def check(value: str) -> str:
+        if not test(value):
+            raise PydanticCustomError("rule", "not allowed")
+        return value
+    return AfterValidator(check)
 
 
-_POSITIVE = _check(lambda v: v > 0, "> 0")
+def _id(kind: str) -> Any:
+    """Camera and scene ids become Redis keys and file names: the dict's keys must be safe names."""
+    def check(key: Any) -> Any:
+        if not is_safe_name(key):
+            raise PydanticCustomError("unsafe_id", "invalid id", {"kind": kind})
+        return key
+    return Annotated[str, BeforeValidator(check)]
 
 
-@dataclass(repr=False)
-class CameraConfig:
-    source: str = field(metadata={"expect": "a string (rtsp://..., http(s)://... or a file path)"})
-    scene: str
+class _Section(BaseModel):
+    # strict: no coercion (2.5 is no integer, "yes" no boolean); floats finite; pydantic's own
+    # messages never quote a value (it may hold a password), _build writes the user's.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, hide_input_in_errors=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_defaults(cls, data: Any) -> Any:  # `engine:` with nothing under it
+        return {} if data is None else data
+
+    def __str__(self) -> str:  # as the dataclasses had it: the repr, never pydantic's bare field list
+        return repr(self)
+
+
+class CameraConfig(_Section):
+    source: _Text = Field(description="a string (rtsp://..., http(s)://... or a file path)")
+    scene: _Text
     # Sampling rate; null keeps every decoded frame (replays of footage at its own rate).
-    fps: Optional[float] = field(default=5.0, metadata=_check(lambda v: v is None or v > 0, "> 0"))
-    resolution: Optional[tuple[int, int]] = field(
-        default=None, metadata={"expect": "a [width, height] pair of integers > 0 or null",
-                                **_check(lambda v: v is None or min(v) > 0, "> 0")})
+    fps: Optional[float] = Field(5.0, gt=0)
+    resolution: Annotated[Optional[tuple[_Positive, _Positive]],
+                          BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)] = Field(
+        None, description="a [width, height] pair of integers > 0 or null")  # YAML has no tuples
     mode: Optional[Literal["live", "replay"]] = None  # None: live for streams, replay for files
     realtime: bool = True
     loop: bool = False
@@ -73,63 +95,59 @@ class CameraConfig:
     def effective_mode(self) -> str:
         return self.mode or ("live" if self.is_live else "replay")
 
-    def __repr__(self) -> str:  # a logged config must never show the source's password
-        return (f"CameraConfig(source={redact_url(self.source)!r}, scene={self.scene!r}, fps={self.fps!r}, "
-                f"resolution={self.resolution!r}, mode={self.mode!r}, realtime={self.realtime!r}, "
-                f"loop={self.loop!r}, enabled={self.enabled!r})")
+    def __repr_args__(self) -> Any:  # a logged config must never show the source's password
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "source" else value
 
 
-@dataclass
-class SceneConfig:
-    bank: str = field(metadata={"expect": "a string (path to a reference bank)"})
-    tau: Optional[float] = None  # overrides the bank's calibrated flag threshold tau (engine/decision.py)
+class SceneConfig(_Section):
+    bank: _Text = Field(description="a string (path to a reference bank)")
+    # Overrides the bank's calibrated flag threshold tau: a frame is flagged when its smoothed
+    # score exceeds it. The gate threshold gate_tau is not affected (except with DN2 scores,
+    # where gate and flag are one test): engine/decision.py, Thresholds.of_bank.
+    tau: Optional[float] = None
     theta: Optional[float] = None  # overrides the bank's pixel threshold
 
 
-@dataclass
-class EngineConfig:
-    device: str = field(default="auto", metadata=_rule(
-        lambda v: bool(_DEVICE_RE.match(v)), "auto, cpu, mps, cuda or cuda:N"))
+class EngineConfig(_Section):
+    device: Annotated[str, _rule(_DEVICE_RE.match)] = Field("auto", description="auto, cpu, mps, cuda or cuda:N")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    max_batch: int = field(default=16, metadata=_at_least(1))
-    max_wait_ms: float = field(default=50.0, metadata=_at_least(0))
-    k_image: Optional[int] = field(default=None, metadata=_at_least(1))  # None: as stored in the bank
-    k_pixel: Optional[int] = field(default=None, metadata=_at_least(1))
+    max_batch: int = Field(16, ge=1)
+    max_wait_ms: float = Field(50.0, ge=0)
+    k_image: Optional[int] = Field(None, ge=1)  # None: as stored in the bank
+    k_pixel: Optional[int] = Field(None, ge=1)
     escalate: Literal["flagged", "all", "none"] = "flagged"
     # Frames another engine took but did not acknowledge for this long are presumed orphaned.
-    claim_idle_s: float = field(default=30.0, metadata=_POSITIVE)
+    claim_idle_s: float = Field(30.0, gt=0)
     # CPU threads for the backbone; null = torch's default. Where ingest decoding shares the
     # cores, 1 avoids thread oversubscription stalls (README, Performance).
-    threads: Optional[int] = field(default=None, metadata=_check(lambda v: v is None or v >= 1, ">= 1"))
+    threads: Optional[int] = Field(None, ge=1)
 
 
-@dataclass
-class BusConfig:
+class BusConfig(_Section):
     kind: Literal["inprocess", "redis"] = "inprocess"
     codec: Literal["jpeg", "raw"] = "jpeg"
-    jpeg_quality: int = field(default=90, metadata=_check(lambda v: 1 <= v <= 100, "in 1..100"))
-    max_len: int = field(default=256, metadata=_at_least(1))  # live cameras drop the oldest beyond it
-    max_age_s: float = field(default=10.0, metadata=_POSITIVE)  # and live frames waiting longer than this
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    max_len: int = Field(256, ge=1)  # live cameras drop the oldest beyond it
+    max_age_s: float = Field(10.0, gt=0)  # and live frames waiting longer than this
 
 
-@dataclass
-class IngestConfig:
-    watchdog_s: float = field(default=5.0, metadata=_POSITIVE)  # no frame for this long = reconnect
-    backoff_initial_s: float = field(default=0.5, metadata=_POSITIVE)
-    backoff_max_s: float = field(default=30.0, metadata=_POSITIVE)
-    connect_timeout_s: float = field(default=5.0, metadata=_POSITIVE)
-    read_timeout_s: float = field(default=5.0, metadata=_POSITIVE)
+class IngestConfig(_Section):
+    watchdog_s: float = Field(5.0, gt=0)  # no frame for this long = reconnect
+    backoff_initial_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(5.0, gt=0)
 
 
-@dataclass(repr=False)
-class RedisConfig:
-    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_rule(
-        lambda v: _scheme(v) in ("redis", "rediss", "unix"), "a redis://, rediss:// or unix:// URL"))
-    password_env: Optional[str] = None  # name of the environment variable holding the password
-    stream_maxlen: int = field(default=10000, metadata=_at_least(1))
-    overlay_ttl_s: int = field(default=3600, metadata=_at_least(1))
+class RedisConfig(_Section):
+    url: Annotated[str, _rule(lambda v: _scheme(v) in ("redis", "rediss", "unix"))] = Field(
+        "redis://127.0.0.1:6379/0", description="a redis://, rediss:// or unix:// URL")
+    password_env: Optional[_Text] = None  # name of the environment variable holding the password
+    stream_maxlen: int = Field(10000, ge=1)
+    overlay_ttl_s: int = Field(3600, ge=1)
     # Newest overlays kept per camera: at about 15 KB each, 500 bound a camera to about 7 MB.
-    overlays_per_camera: int = field(default=500, metadata=_at_least(1))
+    overlays_per_camera: int = Field(500, ge=1)
 
     def connection_url(self) -> str:
         """The URL to connect with: the password from password_env inserted when it is set."""
@@ -144,60 +162,61 @@ class RedisConfig:
         host = parts.netloc.rpartition("@")[2]
         return parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
 
-    def __repr__(self) -> str:
-        return (f"RedisConfig(url={redact_url(self.url)!r}, password_env={self.password_env!r}, "
-                f"stream_maxlen={self.stream_maxlen!r}, overlay_ttl_s={self.overlay_ttl_s!r}, "
-                f"overlays_per_camera={self.overlays_per_camera!r})")
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "url" else value
 
 
-@dataclass
-class EventsConfig:
-    open_after: int = field(default=3, metadata=_at_least(1))  # flagged frames within `window` open an event
-    window: int = field(default=5, metadata=_at_least(1))
-    close_after: int = field(default=10, metadata=_at_least(1))  # consecutive normal frames close it
+class EventsConfig(_Section):
+    open_after: int = Field(3, ge=1)  # flagged frames within `window` open an event
+    window: int = Field(5, ge=1)
+    close_after: int = Field(10, ge=1)  # consecutive normal frames close it
 
 
-@dataclass
-class OutputsConfig:
-    dir: Optional[str] = None  # also write JSON Lines and overlays here (no Redis needed)
+class OutputsConfig(_Section):
+    dir: Optional[_Text] = None  # also write JSON Lines and overlays here (no Redis needed)
     overlays: bool = True
 
 
-@dataclass
-class MetricsConfig:
-    address: str = "127.0.0.1"
-    port: int = field(default=9108, metadata=_check(lambda v: 0 <= v <= 65535, "in 0..65535 (0 disables)"))
+class MetricsConfig(_Section):
+    address: _Text = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535, description="an integer in 0..65535 (0 disables)")
 
 
-@dataclass
-class LoggingConfig:
-    json: bool = False
-    level: str = field(default="INFO", metadata=_rule(
-        lambda v: v.upper() in _LOG_LEVELS, "one of " + ", ".join(_LOG_LEVELS)))
+with warnings.catch_warnings():  # the `json` key shadows BaseModel.json(), deprecated and unused here
+    warnings.filterwarnings("ignore", message='Field name "json"', category=UserWarning)
+
+    class LoggingConfig(_Section):
+        json: bool = False
+        level: Annotated[str, _rule(lambda v: v.upper() in _LOG_LEVELS)] = Field(
+            "INFO", description="one of " + ", ".join(_LOG_LEVELS))
 
 
-@dataclass
-class MonitorConfig:
-    cameras: dict[str, CameraConfig] = field(metadata={"id": "camera"})
-    scenes: dict[str, SceneConfig] = field(metadata={"id": "scene"})
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    bus: BusConfig = field(default_factory=BusConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    redis: RedisConfig = field(default_factory=RedisConfig)
-    events: EventsConfig = field(default_factory=EventsConfig)
-    outputs: OutputsConfig = field(default_factory=OutputsConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # Top-level sections present in the file: e.g. an in-process bus publishes to Redis only if
-    # `redis:` was written out, not because it has a default.
-    explicit: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+class MonitorConfig(_Section):
+    cameras: dict[_id("camera"), CameraConfig]
+    scenes: dict[_id("scene"), SceneConfig]
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    bus: BusConfig = Field(default_factory=BusConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    _explicit: frozenset = frozenset()  # private (the underscore): not a key a file could set
+
+    @property
+    def explicit(self) -> frozenset:
+        """Top-level sections present in the file: e.g. an in-process bus publishes to Redis only
+        if `redis:` was written out, not because it has a default."""
+        return self._explicit
 
 
 def camera_ids(config: MonitorConfig, enabled_only: bool = True) -> list[str]:
     return [cid for cid, cam in config.cameras.items() if cam.enabled or not enabled_only]
 
 
-# -- generic validator --------------------------------------------------------------------------
+# -- pydantic's errors as one line --------------------------------------------------------------
 
 def _got(value: Any) -> str:
     """How a bad value is echoed: short, and redacted in case it is a URL with a password."""
@@ -219,136 +238,115 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _did_you_mean(word: Any, choices: typing.Iterable[Any]) -> str:
+    hint = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean {hint[0]}?)" if hint else ""
+
+
 def _optional_arg(tp: Any) -> Any | None:
     """X for Optional[X] / X | None, else None."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0]
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        return args[0] if args[1] is type(None) else args[1]
     return None
+
+
+def _bare(tp: Any) -> Any:
+    """The type without Optional[...] and Annotated[...] around it."""
+    tp = _optional_arg(tp) or tp
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+
+
+def _fields(tp: Any) -> dict[str, FieldInfo]:
+    """A model's or dataclass's fields by name; {} for any other type."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp.model_fields
+    if not dataclasses.is_dataclass(tp):
+        return {}
+    hints = typing.get_type_hints(tp, include_extras=True)
+    return {f.name: FieldInfo.from_annotation(hints[f.name]) for f in dataclasses.fields(tp) if f.init}
 
 
 def _describe(tp: Any) -> str:
     inner = _optional_arg(tp)
     if inner is not None:
         return f"{_describe(inner)} or null"
+    tp = _bare(tp)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in args)
     if origin is list:
         plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
-        return "a list of " + plural.get(args[0], "items")
-    if origin is tuple:
-        return f"a list of {len(args)} values"
+        return "a list of " + plural.get(_bare(args[0]), "items")
     if origin is dict:
         return "a mapping of id -> settings"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[tp]
+    plain = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    return plain.get(tp, "a mapping")  # else a section: a model or dataclass
 
 
-def _expected(tp: Any, meta: typing.Mapping) -> str:
-    if "expect" in meta:
-        return meta["expect"]
-    text = _describe(tp)
-    if "check" in meta:
-        inner = _optional_arg(tp)
-        text = f"{_describe(inner)} {meta['check'][1]} or null" if inner is not None else f"{text} {meta['check'][1]}"
-    return text
-
-
-def _convert(value: Any, tp: Any, path: str, meta: typing.Mapping, shown: Any = None) -> Any:
-    """Check `value` against type `tp`; return it converted (e.g. int -> float, list -> tuple).
-
-    `shown` is the type that messages describe: Optional[X] while X is being checked.
-    """
-    shown = shown or tp
-
-    def fail() -> typing.NoReturn:
-        raise ConfigError(f"{path}: expected {_expected(shown, meta)}, got {_got(value)}")
-
+def _expected(tp: Any, info: FieldInfo | None) -> str:
+    if getattr(info, "description", None):
+        return info.description
+    bounds = {k: getattr(m, k) for m in getattr(info, "metadata", ()) for k in ("gt", "ge", "le")
+              if getattr(m, k, None) is not None}
+    limits = (f" in {bounds['ge']}..{bounds['le']}" if "le" in bounds
+              else "".join(f" {op} {bounds[k]}" for k, op in (("gt", ">"), ("ge", ">=")) if k in bounds))
     inner = _optional_arg(tp)
-    if inner is not None:
-        return None if value is None else _convert(value, inner, path, meta, shown=tp)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    return f"{_describe(inner)}{limits} or null" if inner is not None else f"{_describe(tp)}{limits}"
 
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, {} if value is None else value, path)  # an empty section means all defaults
-    if origin is Literal:
-        if not isinstance(value, str) or value not in args:
-            hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            suffix = f" (did you mean {hint[0]}?)" if hint else ""
-            raise ConfigError(f"{path}: expected {_describe(shown)}, got {_got(value)}{suffix}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            fail()
-        return {_check_id(k, path, meta.get("id")): _convert(v, args[1], _join(path, k), {})
-                for k, v in value.items()}
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            fail()
-        if origin is tuple:
-            if len(value) != len(args):
-                fail()
-            try:
-                items = [_convert(v, a, path, meta) for v, a in zip(value, args)]
-            except ConfigError:
-                fail()  # report the whole list, not the one bad item
+
+def _locate(tp: Any, loc: tuple, path: str) -> tuple[str, Any, FieldInfo | None, int]:
+    """Follow an error's loc through the schema: (dotted path, type there, its field, parts used).
+    It stops at a key the schema lacks and inside a value reported whole (a [width, height] pair)."""
+    info = None
+    for used, part in enumerate(loc):
+        base = _bare(tp)
+        origin, fields = typing.get_origin(base), _fields(base)
+        if part in fields:
+            info = fields[part]
+            tp, path = info.annotation, _join(path, part)
+        elif origin is dict:  # a camera or scene id
+            tp, info, path = typing.get_args(base)[1], None, _join(path, part)
+        elif origin is list:
+            tp, info, path = typing.get_args(base)[0], None, f"{path}[{part}]"
         else:
-            items = [_convert(v, args[0], f"{path}[{i}]", {}) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is bool:
-        if not isinstance(value, bool):
-            fail()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail()
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            fail()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str) or not value.strip():
-            fail()
-        return value
-    raise TypeError(f"config schema uses unsupported type {tp!r}")  # a bug in this module, not user error
+            return path, tp, info, used
+    return path, tp, info, len(loc)
 
 
-def _check_id(key: Any, path: str, kind: str | None) -> str:
-    if kind is None:
-        return key
-    if not is_safe_name(key):
-        raise ConfigError(f"{path}: invalid {kind} id {_got(key)}; expected {NAME_RULE}")
-    return key
+def _message(error: dict, cls: type, data: Any, path: str) -> str:
+    loc, kind = error["loc"], error["type"]
+    if kind == "unsafe_id":  # loc: (..., the id, "[key]")
+        where = _locate(cls, loc[:-2], path)[0]
+        return f"{where}: invalid {error['ctx']['kind']} id {_got(error['input'])}; expected {NAME_RULE}"
+    where, tp, info, used = _locate(cls, loc, path)
+    if kind == "extra_forbidden":
+        names = list(_fields(_bare(tp)))
+        hint = _did_you_mean(loc[-1], names)
+        return f"{_join(where, loc[-1])}: " + (f"unknown key{hint}" if hint else
+                                                 f"unknown key; expected one of {', '.join(names)}")
+    expected = _expected(tp, info)
+    if kind == "missing" and used == len(loc):  # not a missing item of a pair: that is a bad pair
+        return f"{where}: missing required key; expected {expected}"
+    # The value as written (pydantic's input may be converted already), whole where it stopped early.
+    value = data
+    try:
+        for part in loc[:used]:
+            value = value[part]
+    except (KeyError, IndexError, TypeError):
+        value = error.get("input")
+    hint = _did_you_mean(value, typing.get_args(_bare(tp))) if kind == "literal_error" else ""
+    return f"{where or 'config'}: expected {expected}, got {_got(value)}{hint}"
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
-    """Validate a mapping against dataclass `cls` and construct it."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_got(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1)
-            what = (f"unknown key (did you mean {hint[0]}?)" if hint
-                    else f"unknown key; expected one of {', '.join(fields)}")
-            raise ConfigError(f"{_join(path, key)}: {what}")
-    kwargs = {}
-    for name, f in fields.items():
-        key_path = _join(path, name)
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{key_path}: missing required key; expected {_expected(hints[name], f.metadata)}")
-            continue
-        value = _convert(data[name], hints[name], key_path, f.metadata)
-        if "check" in f.metadata and value is not None and not f.metadata["check"][0](value):
-            raise ConfigError(f"{key_path}: expected {_expected(hints[name], f.metadata)}, got {_got(data[name])}")
-        kwargs[name] = value
-    return cls(**kwargs)
+def _build(cls: type, data: Any, path: str = "") -> Any:
+    """Validate `data` against model (or dataclass) `cls`; any error becomes one ConfigError."""
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as exc:
+        errors = exc.errors()  # an unknown or unsafe key first: a misspelt key also shows up as missing
+        first = next((e for e in errors if e["type"] in ("unsafe_id", "extra_forbidden")), errors[0])
+        raise ConfigError(_message(first, cls, data, path)) from None
 
 
 # -- cross-checks and path resolution ----------------------------------------------------------
@@ -428,8 +426,8 @@ def parse_config(data: dict, base_dir: Path, check_files: bool = True) -> Monito
     """Validate an already-loaded mapping; relative paths resolve against `base_dir`."""
     if data is None:
         raise ConfigError("config: empty; expected a mapping with at least cameras and scenes")
-    config = _build(MonitorConfig, data, "")
-    config.explicit = frozenset(data)
+    config = _build(MonitorConfig, data)
+    config._explicit = frozenset(data)
     _cross_check(config, Path(base_dir).resolve(), check_files)
     return config
 

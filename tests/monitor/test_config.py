@@ -357,3 +357,71 @@ def test_camera_source_takes_secrets_from_the_environment(tmp_path: Path, monkey
     monkeypatch.delenv("GATE_PW")
     assert error_of(data, tmp_path) == ("cameras.gate.source: environment variable GATE_PW is not set; "
                                         "set it or write the value")
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("cameras.gate", "fps", "5", "cameras.gate.fps: expected a number > 0 or null, got '5'"),  # no coercion
+    ("cameras.gate", "fps", float("nan"), "cameras.gate.fps: expected a number > 0 or null, got nan"),
+    ("cameras.gate", "enabled", 1, "cameras.gate.enabled: expected true or false, got 1"),
+    ("cameras.gate", "scene", "  ", "cameras.gate.scene: expected a string, got '  '"),
+    ("cameras.gate", "resolution", [640.0, 360], "cameras.gate.resolution: expected a [width, height] pair of integers > 0 or null, got [640.0, 360]"),
+    ("cameras.gate", "resolution", [1, 2, 3], "cameras.gate.resolution: expected a [width, height] pair of integers > 0 or null, got [1, 2, 3]"),
+    ("engine", "device", "gpu", "engine.device: expected auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
+    ("engine", "max_wait_ms", -1, "engine.max_wait_ms: expected a number >= 0, got -1"),
+    ("redis", "url", "http://redis.local", "redis.url: expected a redis://, rediss:// or unix:// URL, got 'http://redis.local'"),
+    ("redis", "url", "http://u:secretpw@redis.local", "redis.url: expected a redis://, rediss:// or unix:// URL, got 'http://***@redis.local'"),
+    ("metrics", "port", 70000, "metrics.port: expected an integer in 0..65535 (0 disables), got 70000"),
+    ("outputs", "dir", "", "outputs.dir: expected a string or null, got ''"),
+])
+def test_strict_values_exact_messages(tmp_path: Path, section: str, key: str, value, expected: str) -> None:
+    data = minimal()
+    node = data
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[key] = value
+    assert error_of(data, tmp_path) == expected
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d["cameras"].update(gate=5), "cameras.gate: expected a mapping, got 5"),
+    (lambda d: d["cameras"].update(gate=None), "cameras.gate.source: missing required key; "
+                                               "expected a string (rtsp://..., http(s)://... or a file path)"),
+    (lambda d: d.update(engine=[1]), "engine: expected a mapping, got [1]"),
+    (lambda d: d["cameras"]["gate"].update(sorce=d["cameras"]["gate"].pop("source")),  # the typo, not the gap
+     "cameras.gate.sorce: unknown key (did you mean source?)"),
+    (lambda d: d.update(explicit=["redis"]), "explicit: unknown key; expected one of cameras, scenes, engine, bus, "
+                                             "ingest, redis, events, outputs, metrics, logging"),
+    (lambda d: d["cameras"].update({7: {"source": "a", "scene": "plaza"}}), "cameras: invalid camera id 7; expected"),
+])
+def test_structure_errors(tmp_path: Path, mutate, expected: str) -> None:
+    data = minimal()
+    mutate(data)
+    assert error_of(data, tmp_path).startswith(expected)
+
+
+def test_explicit_sections_survive_a_spawned_process(tmp_path: Path) -> None:
+    import pickle
+
+    data = minimal()
+    data["redis"] = {"url": "redis://:secretpw@redis.local/0"}
+    config = parse_config(data, tmp_path, check_files=False)
+    assert config.explicit == {"cameras", "scenes", "redis"}
+    assert parse_config(minimal(), tmp_path, check_files=False).explicit == {"cameras", "scenes"}
+    copy_ = pickle.loads(pickle.dumps(config))  # what multiprocessing's spawn does to it
+    assert copy_.explicit == config.explicit and copy_.redis.url == config.redis.url
+    assert "secretpw" not in str(config.redis) and "secretpw" not in repr(copy_)
+
+
+def test_log_level_is_case_insensitive_and_stored_upper(tmp_path: Path) -> None:
+    data = minimal()
+    data["logging"] = {"level": "debug"}
+    assert parse_config(data, tmp_path, check_files=False).logging.level == "DEBUG"
+
+
+def test_pydantic_messages_never_quote_a_value() -> None:
+    """Code that builds a model directly gets pydantic's ValidationError: it must not echo the source."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        CameraConfig(source="rtsp://u:secretpw@h/x", scene="s", fps="fast", nope=1)
+    assert "secretpw" not in str(info.value) and "fast" not in str(info.value)
