@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .backbones import Features
-from .bank import ReferenceBank
+from .bank import Calibration, ReferenceBank
 from .decision import CausalMean
 from .features import resolve_precision
 from .matcher import match_dtype
@@ -24,13 +24,21 @@ from .spade import SpadeConfig, score_features
 SINGLE_GROUP_FOLDS = 5
 
 
+REFERENCE_ONLY = -1  # the group of rows never held out (engine/feedback.py): they only widen normal
+
+
 def holdout_folds(groups: torch.Tensor) -> torch.Tensor:
-    """A fold id per bank frame: its clip, or contiguous fifths when there is only one clip."""
+    """A fold id per bank frame: its clip, or contiguous fifths when there is only one clip;
+    REFERENCE_ONLY rows stay in the reference of every fold."""
     groups = groups.long()
-    if groups.unique().numel() >= 2:
-        return groups
-    n = groups.numel()
-    return torch.arange(n) * SINGLE_GROUP_FOLDS // max(n, 1)
+    held = groups != REFERENCE_ONLY
+    folds = torch.full_like(groups, REFERENCE_ONLY)
+    if groups[held].unique().numel() >= 2:
+        folds[held] = groups[held]
+    else:
+        n = int(held.sum())
+        folds[held] = torch.arange(n) * SINGLE_GROUP_FOLDS // max(n, 1)
+    return folds
 
 
 @dataclass
@@ -54,7 +62,7 @@ def holdout_runs(folds: torch.Tensor, max_eval: int, length: int) -> list[torch.
     Runs, not scattered frames, so that held-out scores can be smoothed over time as live
     scores are: tau then bounds the false alarms of the smoothed score that is flagged.
     """
-    ids = folds.unique().tolist()
+    ids = [f for f in folds.unique().tolist() if f != REFERENCE_ONLY]
     per_fold = max(length, max_eval // len(ids))
     runs = []
     for fold in ids:
@@ -70,7 +78,7 @@ def holdout_scores(bank: ReferenceBank, config: SpadeConfig, max_eval: int = 240
     """Runs of bank frames scored against the other folds, through the same scoring chain as
     every other frame (engine.spade.score_features)."""
     folds = holdout_folds(bank.groups)
-    if folds.unique().numel() < 2:
+    if (folds.unique() != REFERENCE_ONLY).sum() < 2:
         raise ValueError("calibration needs at least two reference frames")
     runs = holdout_runs(folds, max_eval, length=max(8, 3 * config.temporal_window))
     total = sum(r.numel() for r in runs)
@@ -100,8 +108,8 @@ def holdout_scores(bank: ReferenceBank, config: SpadeConfig, max_eval: int = 240
 
 def calibrate(bank: ReferenceBank, config: SpadeConfig, image_quantile: float | None = None,
               pixel_quantile: float | None = None, gate_quantile: float | None = None,
-              progress: bool = False) -> dict:
-    """Set the thresholds in the bank from held-out normal scores and return them.
+              progress: bool = False) -> Calibration:
+    """Set the bank's calibration from held-out normal scores and return it.
 
     tau: the threshold of the smoothed image score (frame flagged); gate_tau: the gate score
     above which a frame is escalated to pixel matching. They differ when the image score comes
@@ -115,20 +123,20 @@ def calibrate(bank: ReferenceBank, config: SpadeConfig, image_quantile: float | 
         gq = iq
     held = holdout_scores(bank, config, progress=progress)
     image = held.image
-    thresholds = {
-        "tau": float(np.quantile(held.smoothed(config.temporal_window), iq)),
-        "gate_tau": float(np.quantile(held.gate, gq)),
-        "gate_quantile": gq,
-        "theta": float(np.quantile(held.pixel, pq)),
-        "image_quantile": iq,
-        "pixel_quantile": pq,
-        "image_score": config.image_score,
-        "k_image": config.k_image,
-        "k_pixel": config.k_pixel,
-        "holdout_frames": int(image.size),
+    calibration = Calibration(
+        tau=float(np.quantile(held.smoothed(config.temporal_window), iq)),
+        gate_tau=float(np.quantile(held.gate, gq)),
+        gate_quantile=float(gq),
+        theta=float(np.quantile(held.pixel, pq)),
+        image_quantile=float(iq),
+        pixel_quantile=float(pq),
+        image_score=config.image_score,
+        k_image=int(config.k_image),
+        k_pixel=int(config.k_pixel),
+        holdout_frames=int(image.size),
         # Robust spread of normal scores, so a consumer can express scores in normal units.
-        "image_median": float(np.median(image)),
-        "image_iqr": float(np.subtract(*np.quantile(image, [0.75, 0.25]))),
-    }
-    bank.meta["thresholds"] = thresholds
-    return thresholds
+        image_median=float(np.median(image)),
+        image_iqr=float(np.subtract(*np.quantile(image, [0.75, 0.25]))),
+    )
+    bank.calibration = calibration
+    return calibration

@@ -32,15 +32,14 @@ class Thresholds:
         With DN2 image scores the gate and the flag are the same test, so an overridden tau
         moves the gate too; with map scores the gate keeps its own calibrated threshold.
         """
-        th = bank.thresholds
-        if "tau" not in th or "theta" not in th:
+        cal = bank.calibration
+        if cal is None:
             raise BankError(f"reference bank {where} is not calibrated: run 'spade-monitor reference calibrate {where}'")
-        flag_tau = float(th["tau"] if tau is None else tau)
-        gate_tau = float(th.get("gate_tau", th["tau"]))
-        if image_score == "dn2":
-            gate_tau = flag_tau
-        return cls(tau=flag_tau, gate_tau=gate_tau, theta=float(th["theta"] if theta is None else theta),
-                   normal_score=float(th.get("image_median", flag_tau)))
+        flag_tau = float(cal.tau if tau is None else tau)
+        gate_tau = flag_tau if image_score == "dn2" else cal.gate_tau
+        normal_score = flag_tau if cal.image_median is None else cal.image_median  # banks from before image_median
+        return cls(tau=flag_tau, gate_tau=gate_tau, theta=float(cal.theta if theta is None else theta),
+                   normal_score=normal_score)
 
 
 class CausalMean:

@@ -83,7 +83,7 @@ def _evaluate_category(spade: Spade, cat, pictures, progress, log) -> dict:
     c = spade.config
     bank = spade.build_bank(((0, read_image(p)) for p in cat.train_paths), [str(cat.root / "train")],
                             total=len(cat.train_paths), progress=progress)
-    thresholds = calibrate(bank, c, progress=progress)
+    calibration = calibrate(bank, c, progress=progress)
     preprocess = spade.bank_preprocess(bank)
     t_test = time.perf_counter()
     labels, scores, masks, maps, frames = [], [], [], [], []
@@ -113,13 +113,13 @@ def _evaluate_category(spade: Spade, cat, pictures, progress, log) -> dict:
         "test_images": len(samples),
         "test_images_per_s": len(samples) / test_s,
         "seconds": time.perf_counter() - t0,
-        "thresholds": {k: thresholds[k] for k in ("tau", "theta")},
+        "thresholds": {"tau": calibration.tau, "theta": calibration.theta},
     }
     log(f"{cat.name}: image {row['image_rocauc']:.3f} pixel {row['pixel_rocauc']:.3f} pro {row['pro']:.3f}")
     if pictures:
         names = [f"{s.defect}_{s.path.stem}" for s in samples]
         _write_cases(Path(pictures) / _safe(cat.name), frames, maps_a, masks_a, np.array(labels),
-                     np.array(scores), names, thresholds)
+                     np.array(scores), names, calibration.theta)
     return row
 
 
@@ -237,7 +237,7 @@ def evaluate_video(root: str | Path, config: SpadeConfig, layout: str | None = N
                 save_score_timeline(out / f"timeline_{_safe(clip.name)}.png", res.deployed, labels=labels,
                                     threshold=thresholds.tau, title=f"{scene} / {clip.name} (as deployed)")
                 _write_cases(out / _safe(clip.name), kept_frames, np.stack(clip_maps), np.stack(clip_masks), labels,
-                             res.matched, [f"{i:04d}" for i in range(len(labels))], bank.thresholds)
+                             res.matched, [f"{i:04d}" for i in range(len(labels))], thresholds.theta)
         bar.close()
     if not clip_rows:
         from .errors import DataError
@@ -280,7 +280,7 @@ def evaluate_video(root: str | Path, config: SpadeConfig, layout: str | None = N
 
 
 # -- pictures and tables ------------------------------------------------------------------------
-def _write_cases(out: Path, frames, maps, masks, labels, scores, names, thresholds, top: int = 6) -> None:
+def _write_cases(out: Path, frames, maps, masks, labels, scores, names, theta: float, top: int = 6) -> None:
     """Overlays for the highest-scoring anomalies, the missed anomalies and the false alarms."""
     from .visualize import heatmap_overlay, save_image
 
@@ -291,7 +291,7 @@ def _write_cases(out: Path, frames, maps, masks, labels, scores, names, threshol
     vmax = float(np.quantile(maps, 0.999))
     for kind, idx in cases.items():
         for i in idx:
-            img = heatmap_overlay(frames[i], maps[i], threshold=thresholds["theta"], gt_mask=masks[i],
+            img = heatmap_overlay(frames[i], maps[i], threshold=theta, gt_mask=masks[i],
                                   vmin=0.0, vmax=vmax)
             save_image(out / f"{kind}_{_safe(names[i])}_score{scores[i]:.3f}.png", img)
 

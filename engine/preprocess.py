@@ -63,3 +63,17 @@ def to_rgb(frame: np.ndarray, bgr: bool = False) -> np.ndarray:
     if frame.ndim == 3 and frame.shape[2] == 4:
         return cv2.cvtColor(frame, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
     raise ValueError(f"unsupported frame shape {frame.shape}")
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """An RGB uint8 image as JPEG bytes (OpenCV writes BGR)."""
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError(f"an image of shape {rgb.shape} could not be JPEG-encoded")
+    return buf.tobytes()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray | None:
+    """JPEG (or PNG) bytes as an RGB uint8 image, or None if they do not decode."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if img is None else np.ascontiguousarray(img[:, :, ::-1])

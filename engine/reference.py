@@ -43,8 +43,8 @@ def build_reference(spade: Spade, sources: list[str | Path], scene: str,
     total = sum(len(files) for files in groups if files[0].suffix.lower() not in VIDEO_EXTS) or None
     bank = spade.build_bank(iter_grouped_frames(groups, fps), [str(s) for s in sources], total=total,
                             progress=progress)
-    bank.meta["scene"] = scene
-    bank.meta["fps"] = fps if fps is not None else _common_video_rate(groups)
+    bank.scene = scene
+    bank.fps = fps if fps is not None else _common_video_rate(groups)
     calibrate(bank, spade.config, progress=progress)
     return bank
 

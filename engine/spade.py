@@ -19,8 +19,10 @@ from .gate import dn2_scores, knn
 from .gate import prepare as prepare_gate
 from .matcher import anomaly_maps, match_dtype
 from .motion import FlowEstimator, grey_frames, motion_channels, stream_flows
-from .preprocess import Preprocess
+from .preprocess import Preprocess, encode_jpeg
 from .progress import Progress
+
+REFERENCE_JPEG_QUALITY = 85  # reference frames are only looked at: small beats exact
 
 
 @dataclass
@@ -348,6 +350,7 @@ class Spade:
         c = self.config
         preprocess = None
         store_g, store_p, store_grp = [], {lv: [] for lv in c.levels}, []
+        store_img: list[bytes] = []  # each kept frame's JPEG, for reviews of what matched it
         pending: list[np.ndarray] = []
         pending_grp: list[int] = []
         seen = 0
@@ -360,16 +363,18 @@ class Spade:
             for lv in c.levels:
                 store_p[lv].append(feats.pyramid[lv].half().cpu())
             store_grp.extend(pending_grp)
+            store_img.extend(encode_jpeg(preprocess.frame(f, bgr=bgr), REFERENCE_JPEG_QUALITY) for f in pending)
             pending.clear()
             pending_grp.clear()
 
         def reduce():
             g = torch.cat(store_g)
-            keep = self._subsample(g, c.max_frames)
+            keep = self.subsample(g, c.max_frames)
             store_g[:] = [g[keep]]
             for lv in c.levels:
                 store_p[lv][:] = [torch.cat(store_p[lv])[keep]]
             store_grp[:] = [store_grp[i] for i in keep.tolist()]
+            store_img[:] = [store_img[i] for i in keep.tolist()]
 
         bar = Progress("reference frames", total, enabled=progress)
         for group, frame in frames:
@@ -401,17 +406,17 @@ class Spade:
             pyramid={lv: torch.cat(store_p[lv]) for lv in c.levels},
             groups=torch.tensor(store_grp, dtype=torch.int32),
             meta=meta,
+            images=store_img,
         )
 
-    def _subsample(self, global_feats: torch.Tensor, budget: int) -> torch.Tensor:
+    def subsample(self, global_feats: torch.Tensor, budget: int) -> torch.Tensor:
         if self.config.subsample == "kcenter":
             return kcenter_greedy(global_feats, budget)
         return uniform_subsample(global_feats.shape[0], budget)
 
     # -- scoring --------------------------------------------------------------------------------
     def bank_preprocess(self, bank: ReferenceBank) -> Preprocess:
-        p = bank.meta["preprocess"]
-        return Preprocess(size=tuple(p["size"]), resize=p["resize"])
+        return bank.preprocess
 
     def warm_up(self, bank: ReferenceBank, batch_size: int) -> None:
         """Run each kernel once and build the gate's index, so the first frames do not pay for

@@ -46,9 +46,8 @@ def camera_name_for(video: Path) -> str:
     return name or "video"
 
 
-def scene_name_for(meta: dict) -> str:
+def scene_name_for(scene: str | None) -> str:
     """The bank's scene, for results; 'replay' when it has none safe in keys and paths."""
-    scene = meta.get("scene")
     if is_safe_name(scene):
         return scene
     return "replay"
@@ -107,7 +106,7 @@ def replay(video: str | Path, bank: str | Path, out_dir: str | Path, *, fps: flo
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise DataError(f"--fps: expected a number > 0, got {fps}")
     camera = camera or camera_name_for(video)
-    scene = scene_name_for(ReferenceBank.read_meta(bank))  # the header only: tensors load once, in the engine
+    scene = scene_name_for(ReferenceBank.read_summary(bank).scene)  # the header only: tensors load once, in the engine
     _prepare_out_dir(out_dir, overwrite)
     config = parse_config({
         "cameras": {camera: {"source": str(video.resolve()), "scene": scene, "fps": fps,

@@ -33,10 +33,9 @@ class Scene:
     load_seconds: float
 
 
-def camera_misfit(meta: dict) -> str | None:
-    """Why a bank's stored settings do not suit a camera stream, or None if they do."""
-    config = meta.get("config") or {}
-    if config.get("geometry") == "crop":
+def camera_misfit(stored_config: dict) -> str | None:
+    """Why a bank's stored settings (ReferenceBank.stored_config) do not suit a camera stream, or None."""
+    if stored_config.get("geometry") == "crop":
         # Scoring still works, but only the resized centre crop is seen: edges go unwatched.
         return ("was built for still images (crop geometry: only a centre crop of each frame is scored); "
                 "build a camera bank with 'spade-monitor reference build' without --preset inspection or paper")
@@ -77,7 +76,7 @@ class SceneSet:
         eng = self.config.engine
         bank = ReferenceBank.load(path)
         cameras = [cid for cid, cam in self.config.cameras.items() if cam.scene == name and cam.enabled]
-        misfit = camera_misfit(bank.meta) if cameras else None
+        misfit = camera_misfit(bank.stored_config) if cameras else None
         if misfit:
             log.warning("scene %s (camera %s): bank %s %s", name, ", ".join(cameras), path.name, misfit)
         overrides = dict(device=eng.device, precision=eng.precision, k_image=eng.k_image,

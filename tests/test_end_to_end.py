@@ -44,7 +44,7 @@ def test_evaluate_video_finds_and_localises_injected_anomalies(scene, camera_mod
 def test_calibrated_thresholds_flag_few_normal_frames_and_many_anomalous(scene, camera_model):
     data = VideoDataset(scene.root)
     bank = build_reference(camera_model, [scene.root / "training" / "frames"], "scene", progress=False)
-    tau, theta = bank.thresholds["tau"], bank.thresholds["theta"]
+    tau, theta = bank.calibration.tau, bank.calibration.theta
     scores, labels, areas = [], [], []
     for clip in data.test_clips(data.scenes()[0]):
         for i, (_, score, amap, _) in enumerate(camera_model.iter_scores(clip.frames(), bank, maps="all")):
@@ -77,8 +77,8 @@ def test_holdout_calibration_uses_each_clip_against_the_others(scene, camera_mod
     assert len(runs) >= 3 and all(len(r) >= 8 for r in runs)
     smoothed = held.smoothed(camera_model.config.temporal_window)
     assert smoothed.std() < held.image.std()
-    strict = calibrate(bank, camera_model.config, image_quantile=0.5)["tau"]
-    loose = calibrate(bank, camera_model.config, image_quantile=0.99)["tau"]
+    strict = calibrate(bank, camera_model.config, image_quantile=0.5).tau
+    loose = calibrate(bank, camera_model.config, image_quantile=0.99).tau
     assert strict < loose
 
 
@@ -88,7 +88,7 @@ def test_reference_cli_builds_a_bank_from_videos_and_reports_it(scene, tmp_path,
                "--out", str(out), "--device", "cpu", "--max-frames", "50", "--subsample", "kcenter"])
     assert rc == 0
     bank = ReferenceBank.load(out)
-    assert len(bank) == 50 and bank.meta["scene"] == "plaza"
+    assert len(bank) == 50 and bank.scene == "plaza"
     assert bank.meta["frames_seen"] > 50
     assert bank.global_feats.dtype.itemsize == 2
     assert main(["reference", "info", str(out)]) == 0

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -364,7 +365,7 @@ def test_inprocess_run_stops_cleanly_and_reloads_a_changed_bank(scene, scene_ban
     wait_for(lambda: len(_results(out)) >= 3, 90, "first results", mon)
 
     new = ReferenceBank.load(bank)
-    new.thresholds["tau"] = 12345.0
+    new.calibration = replace(new.calibration, tau=12345.0)
     new.save(bank)  # atomic replace, as 'reference calibrate' does
     wait_for(lambda: any(r["tau"] == 12345.0 for r in _results(out)), 30, "the new bank in use", mon)
     code, took = mon.stop(signal.SIGTERM)
@@ -402,7 +403,7 @@ def test_a_bank_overwritten_in_place_never_stops_the_engine(scene, scene_bank, t
     wait_for(lambda: len(_results(out)) >= seen + 3, 30, "results with the old bank", mon)
 
     other = ReferenceBank.load(scene_bank)
-    other.thresholds["tau"] = 4321.0
+    other.calibration = replace(other.calibration, tau=4321.0)
     other.save(tmp_path / "other.bank")
     with open(bank, "r+b") as fh:  # a complete bank, again in place
         fh.truncate(0)

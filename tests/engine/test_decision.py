@@ -6,12 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from engine.bank import Calibration
 from engine.decision import FrameScorer, Thresholds
 from engine.errors import BankError
 
 
 def _bank(**thresholds):
-    return SimpleNamespace(thresholds=thresholds)
+    return SimpleNamespace(calibration=Calibration(**thresholds) if thresholds else None)
 
 
 CALIBRATED = dict(tau=10.0, gate_tau=4.0, theta=7.0, image_median=2.0)
@@ -26,7 +27,7 @@ def test_a_scene_override_moves_the_flag_and_for_dn2_scores_the_gate_too():
 
 def test_an_uncalibrated_bank_is_one_line_naming_the_fix():
     with pytest.raises(BankError, match="reference calibrate b.bank"):
-        Thresholds.of_bank(_bank(tau=1.0), "map_max", where="b.bank")
+        Thresholds.of_bank(_bank(), "map_max", where="b.bank")
 
 
 def test_unescalated_frames_score_as_normal_and_smoothing_is_causal_per_stream():

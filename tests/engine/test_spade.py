@@ -44,7 +44,7 @@ def test_gate_escalates_only_frames_above_tau(camera):
     pp = Preprocess.full_frame(64, 96)
     ref = frames(6, seed=1)
     bank = camera.build_bank(((i // 3, f) for i, f in enumerate(ref)), ["test"], progress=False)
-    assert isinstance(bank, ReferenceBank) and bank.meta["preprocess"]["size"] == [64, 96]
+    assert isinstance(bank, ReferenceBank) and bank.input_size == (64, 96)
     feats = camera.features(ref[:2] + frames(1, seed=9), pp)
     res = camera.score_features(feats, bank, maps="flagged", tau=float("inf"))
     assert res.map_rows == [] and np.isnan(res.image_scores).all()

@@ -71,6 +71,15 @@ def test_replay_writes_results_events_overlays_and_timeline(scene, scene_bank, t
     assert overlays and all(p.stat().st_size > 0 for p in overlays)
     refs = {r["overlay_ref"] for r in results if r["overlay_ref"]}
     assert refs and all((out / ref).is_file() for ref in refs)
+    # What a reviewer sees of each flagged frame: the frame, its predecessor, the nearest normal patch.
+    bank = ReferenceBank.load(scene_bank)
+    for r in (r for r in flagged if r["overlay_ref"]):
+        assert (out / r["frame_ref"]).is_file() and (r["seq"] == 0 or (out / r["previous_ref"]).is_file())
+        ev = r["evidence"]
+        assert 0 <= ev["ref_index"] < len(bank) and bank.image(ev["ref_index"]) is not None
+        h, w = bank.input_size
+        for x, y, bw, bh in (ev["box"], ev["ref_box"]):
+            assert 0 <= x and 0 <= y and bw > 0 and bh > 0 and x + bw <= w and y + bh <= h
     timelines = list(out.glob("timeline_*.png"))
     assert len(timelines) == 1 and timelines[0].stat().st_size > 1000
     statuses = [s["status"] for s in _lines(out / "status.jsonl")]
@@ -180,22 +189,21 @@ def test_out_dir_with_only_empty_leftovers_is_reused(tmp_path):
         _prepare_out_dir(tmp_path, overwrite=False)
 
 
-@pytest.mark.parametrize("meta, expected", [
-    ({"scene": "demo"}, "demo"),
-    ({}, "replay"),
-    ({"scene": None}, "replay"),
-    ({"scene": "../../etc"}, "replay"),
-    ({"scene": "a/b"}, "replay"),
-    ({"scene": "x" * 65}, "replay"),
-    ({"scene": "ok\n"}, "replay"),
+@pytest.mark.parametrize("scene, expected", [
+    ("demo", "demo"),
+    (None, "replay"),
+    ("../../etc", "replay"),
+    ("a/b", "replay"),
+    ("x" * 65, "replay"),
+    ("ok\n", "replay"),
 ])
-def test_replay_scene_name_comes_from_the_bank_and_is_path_safe(meta, expected):
-    assert scene_name_for(meta) == expected
+def test_replay_scene_name_comes_from_the_bank_and_is_path_safe(scene, expected):
+    assert scene_name_for(scene) == expected
 
 
 def test_camera_misfit_names_crop_geometry():
-    assert "crop geometry" in camera_misfit({"config": {"geometry": "crop"}})
-    assert camera_misfit({"config": {"geometry": "full"}}) is None
+    assert "crop geometry" in camera_misfit({"geometry": "crop"})
+    assert camera_misfit({"geometry": "full"}) is None
     assert camera_misfit({}) is None
 
 
