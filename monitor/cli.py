@@ -86,23 +86,48 @@ def cmd_reference_build(args) -> int:
     spade = Spade(_config_from(args))
     bank = build_reference(spade, args.source, args.scene, progress=not args.quiet, fps=args.fps)
     bank.save(args.out)
-    t = bank.thresholds
+    t = bank.calibration
     print(f"scene {args.scene}: {len(bank)} frames ({bank.bytes_per_frame() / 1024:.0f} KiB each), "
-          f"tau {t['tau']:.4g}, theta {t['theta']:.4g} -> {args.out}")
+          f"tau {t.tau:.4g}, theta {t.theta:.4g} -> {args.out}")
     return 0
 
 
 def cmd_reference_calibrate(args) -> int:
+    import getpass
+
     from engine.bank import ReferenceBank
     from engine.calibrate import calibrate
     from engine.spade import SpadeConfig
+    from engine.versions import BankHistory
 
     bank = ReferenceBank.load(args.bank)
     config = SpadeConfig(**{k: v for k, v in bank.stored_config.items()
                             if k in SpadeConfig.__dataclass_fields__})
     t = calibrate(bank, config, args.image_quantile, args.pixel_quantile)
-    bank.save(args.bank)
-    print(f"tau {t['tau']:.4g} (q={t['image_quantile']}), theta {t['theta']:.4g} (q={t['pixel_quantile']}) -> {args.bank}")
+    version = BankHistory(args.bank).commit(bank, "calibrate", getpass.getuser(),
+                                            {"image_quantile": t.image_quantile, "pixel_quantile": t.pixel_quantile})
+    print(f"tau {t.tau:.4g} (q={t.image_quantile}), theta {t.theta:.4g} (q={t.pixel_quantile}) -> {args.bank} "
+          f"(version {version})")
+    return 0
+
+
+def cmd_reference_history(args) -> int:
+    from engine.versions import BankHistory
+
+    history = BankHistory(args.bank)
+    live = history.current()
+    for version in history.versions():
+        print(("* " if version.number == live else "  ") + version.describe())
+    return 0
+
+
+def cmd_reference_revert(args) -> int:
+    import getpass
+
+    from engine.versions import BankHistory
+
+    number = BankHistory(args.bank).revert(args.version, getpass.getuser())
+    print(f"{args.bank}: version {number} is live, the content of version {args.version}; engines reload it")
     return 0
 
 
@@ -131,7 +156,7 @@ def _service_config(args):
     from .runner import setup_logging
 
     config = load_config(args.config)
-    if args.metrics_port is not None:  # e.g. ingest and engine on one host, one config
+    if getattr(args, "metrics_port", None) is not None:  # e.g. ingest and engine on one host, one config
         config.metrics.port = args.metrics_port
     import multiprocessing
 
@@ -167,6 +192,13 @@ def cmd_engine(args) -> int:
     with stop_on_signals() as stop:
         run_engine(config, stop)
     return 0
+
+
+def cmd_console(args) -> int:
+    from .console.service import serve_console
+
+    config = _service_config(args)
+    return serve_console(config, address=args.address, port=args.port)
 
 
 def cmd_replay(args) -> int:
@@ -253,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     i = ref_sub.add_parser("info", help="print a bank's metadata")
     i.add_argument("bank", type=Path, help="reference bank file")
     i.set_defaults(func=cmd_reference_info)
+    h = ref_sub.add_parser("history", help="a bank's versions: who changed it, when and how (* = live)")
+    h.add_argument("bank", type=Path, help="reference bank file")
+    h.set_defaults(func=cmd_reference_history)
+    rv = ref_sub.add_parser("revert", help="make an earlier version of a bank live again (as a new version)")
+    rv.add_argument("bank", type=Path, help="reference bank file")
+    rv.add_argument("version", type=int, help="the version to bring back (see 'reference history')")
+    rv.set_defaults(func=cmd_reference_revert)
 
     rp = sub.add_parser("replay", help="one video through the whole pipeline, no Redis: results, events, "
                                        "overlays and a score timeline in a folder")
@@ -282,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (rn, ig, en):
         p.add_argument("--metrics-port", type=_port, metavar="PORT",
                        help="serve /metrics, /healthz and /readyz on this port instead of metrics.port (0: off)")
+
+    co = sub.add_parser("console", help="the operators' web console: cameras, events, evidence, feedback")
+    co.add_argument("--config", required=True, type=Path, help=_CONFIG_HELP)
+    co.add_argument("--address", help="bind address instead of console.address (off loopback: "
+                    "set SPADE_CONSOLE_USER and SPADE_CONSOLE_PASSWORD)")
+    co.add_argument("--port", type=_port, help="instead of console.port")
+    co.set_defaults(func=cmd_console)
 
     bn = sub.add_parser("bench", help="throughput, latency and memory on this machine, from a synthetic scene")
     bn.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")

@@ -183,6 +183,13 @@ class MetricsConfig(_Section):
     port: int = Field(9108, ge=0, le=65535, description="an integer in 0..65535 (0 disables)")
 
 
+class ConsoleConfig(_Section):
+    enabled: bool = False  # `run` also serves the console (spade-monitor console serves it alone)
+    # Off loopback the console asks for SPADE_CONSOLE_USER / SPADE_CONSOLE_PASSWORD.
+    address: _Text = "127.0.0.1"
+    port: int = Field(8090, ge=0, le=65535, description="an integer in 0..65535")
+
+
 with warnings.catch_warnings():  # the `json` key shadows BaseModel.json(), deprecated and unused here
     warnings.filterwarnings("ignore", message='Field name "json"', category=UserWarning)
 
@@ -203,6 +210,7 @@ class MonitorConfig(_Section):
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     _explicit: frozenset = frozenset()  # private (the underscore): not a key a file could set
 
     @property

@@ -13,7 +13,7 @@ import time
 from .events import EventTracker
 from .ledger import SeqLedger
 from .publish import PublishError
-from .results import FrameResult
+from .results import FrameResult, Media
 from .retry import Backoff
 from .telemetry import EngineMetrics
 
@@ -38,8 +38,8 @@ class ResultDelivery:
         self._trackers: dict[str, EventTracker] = {}
         self._inherited: dict[str, list] = {}  # camera -> the end of an event a dead engine left open
 
-    def deliver(self, results: list[tuple[FrameResult, bytes | None]], frames) -> None:
-        """Publish results[i] (with its overlay) for frames[i], in order."""
+    def deliver(self, results: list[tuple[FrameResult, Media]], frames) -> None:
+        """Publish results[i] (with its overlay and stills) for frames[i], in order."""
         i, events = 0, []
         backoff = Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
         while i < len(results) or events:
@@ -50,9 +50,9 @@ class ResultDelivery:
                     self.metrics.observe_events(events)
                     events = []
                 if i < len(results):
-                    result, overlay = results[i]
+                    result, media = results[i]
                     tracker = self._tracker(result)
-                    if self.publisher.publish_result(result, overlay):
+                    if self.publisher.publish_result(result, media.overlay, media.stills):
                         self.metrics.observe_result(result)
                         if not result.late:  # a late frame would reopen what its successors closed
                             events = tracker.update(result, result.overlay_ref)

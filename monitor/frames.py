@@ -5,10 +5,10 @@ import re
 import time
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 from engine.errors import DataError
+from engine.preprocess import decode_jpeg, encode_jpeg
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 NAME_RULE = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit, without '..'"
@@ -40,10 +40,10 @@ class Frame:
 def encode_frame(frame: Frame, codec: str = "jpeg", quality: int = 90) -> dict[bytes, bytes]:
     """Frame -> flat field map, as stored in a Redis stream entry."""
     if codec == "jpeg":
-        ok, buf = cv2.imencode(".jpg", frame.image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-        if not ok:
-            raise DataError(f"camera {frame.camera}: frame {frame.seq} could not be JPEG-encoded")
-        payload = buf.tobytes()
+        try:
+            payload = encode_jpeg(frame.image, quality)
+        except ValueError:
+            raise DataError(f"camera {frame.camera}: frame {frame.seq} could not be JPEG-encoded") from None
     elif codec == "raw":
         payload = np.ascontiguousarray(frame.image).tobytes()
     else:
@@ -71,10 +71,9 @@ def decode_frame(fields: dict[bytes, bytes]) -> Frame:
         h, w = (int(v) for v in fields[b"shape"].decode().split("x"))
         data = fields[b"data"]
         if codec == "jpeg":
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-            if img is None or img.shape[:2] != (h, w):
+            image = decode_jpeg(data)
+            if image is None or image.shape[:2] != (h, w):
                 raise ValueError("undecodable JPEG")
-            image = img[:, :, ::-1]
         elif codec == "raw":
             image = np.frombuffer(data, np.uint8).reshape(h, w, 3)
         else:

@@ -6,20 +6,21 @@ publish_status / close, so the service can fan out with MultiPublisher.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Protocol
 
-import cv2
 import numpy as np
 
 from engine.errors import ConfigError, SpadeError
+from engine.preprocess import encode_jpeg
 from engine.visualize import heatmap_overlay
 from monitor.events import Event
 from monitor.frames import NAME_RULE, is_safe_name
-from monitor.results import FrameResult
+from monitor.results import FrameResult, Stills
 from monitor.timelines import ScoreTimelines
 from monitor.urls import redact_url, scrub
 
@@ -31,7 +32,8 @@ class PublishError(SpadeError):
 
 
 class Publisher(Protocol):
-    def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None) -> bool: ...
+    def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None,
+                       stills: Stills | None = None) -> bool: ...
     def publish_events(self, events: Iterable[Event]) -> None: ...
     def publish_status(self, camera: str, status: str, detail: str = "") -> None: ...
     def open_event(self, camera: str) -> Event | None:
@@ -42,12 +44,7 @@ class Publisher(Protocol):
 
 def encode_overlay(frame_rgb: np.ndarray, amap: np.ndarray, theta: float | None, quality: int = 85) -> bytes:
     """JPEG of the anomaly heat map blended over the frame, regions > theta outlined."""
-    overlay = heatmap_overlay(frame_rgb, amap, threshold=theta)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise ValueError("overlay could not be JPEG-encoded")
-    return buf.tobytes()
+    return encode_jpeg(heatmap_overlay(frame_rgb, amap, threshold=theta), quality)
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -127,8 +124,10 @@ class RedisPublisher:
         self._publish_script = self._client.register_script(_PUBLISH_RESULT_LUA)
         self._closed = False
 
-    def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None) -> bool:
-        """Add the result (and overlay) once per (camera, run_id, seq); False if already published."""
+    def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None,
+                       stills: Stills | None = None) -> bool:
+        """Add the result (and overlay) once per (camera, run_id, seq); False if already published.
+        Stills stay in outputs.dir: the console reads them there."""
         import redis
 
         camera = result.camera
@@ -280,8 +279,25 @@ class StatusFile:
         pass
 
 
+# The run prefix is optional: folders written before it was added name files by seq alone.
+_MEDIA_REF = re.compile(r"(overlays|frames)/([^/]+)/((?:[0-9A-Za-z]+-)?[0-9]+(?:-prev)?)\.jpg", re.ASCII)
+
+
+def media_path(out_dir: str | Path, ref: str) -> Path | None:
+    """The file of a media ref DirectoryPublisher writes (overlays/<camera>/<run>-<seq>.jpg,
+    frames/<camera>/<run>-<seq>[-prev].jpg), or None for anything else: refs come back from
+    browsers and streams, so they are never used as paths unchecked."""
+    match = _MEDIA_REF.fullmatch(ref or "")
+    if match is None or not is_safe_name(match.group(2)):
+        return None
+    base = Path(out_dir).resolve()
+    path = (base / ref).resolve()
+    return path if path.is_relative_to(base) else None
+
+
 class DirectoryPublisher:
-    """Offline sink: results.jsonl, events.jsonl, status.jsonl, overlays/<camera>/<seq>.jpg,
+    """Offline sink: results.jsonl, events.jsonl, status.jsonl, overlays/<camera>/<run>-<seq>.jpg,
+    frames/<camera>/<run>-<seq>[-prev].jpg (stills of flagged frames),
     and timeline_<camera>.png at close() (monitor/timelines.py draws them).
 
     Files are appended to and flushed per line, so an interrupted replay keeps what it
@@ -309,17 +325,21 @@ class DirectoryPublisher:
             raise PublishError(f"cannot write to output folder {self.out_dir}: {exc.strerror or exc}") from None
         self._closed = False
 
-    def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None) -> bool:
+    def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None,
+                       stills: Stills | None = None) -> bool:
         _check_name(result.camera)
         if result.key in self._seen:
             return False
+        # Files before the line, so no line points at a missing file. The run is in the name:
+        # a restarted camera counts its frames from 0 again.
+        name = f"{result.run_id[:8] or 'run'}-{result.seq}"
         try:
             if overlay_jpeg is not None:
-                ref = f"overlays/{result.camera}/{result.seq}.jpg"
-                path = self.out_dir / ref
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(overlay_jpeg)  # before the line, so no line points at a missing file
-                result.overlay_ref = ref
+                result.overlay_ref = self._write_file(f"overlays/{result.camera}/{name}.jpg", overlay_jpeg)
+            if stills is not None:
+                result.frame_ref = self._write_file(f"frames/{result.camera}/{name}.jpg", stills.frame)
+                if stills.previous is not None:
+                    result.previous_ref = self._write_file(f"frames/{result.camera}/{name}-prev.jpg", stills.previous)
             result.published_ts = time.time()
             self._write(self._results, result.to_json())
         except OSError as exc:
@@ -352,6 +372,12 @@ class DirectoryPublisher:
         for handle in (self._results, self._events):
             handle.close()
         self._timelines.save(self.out_dir)
+
+    def _write_file(self, ref: str, data: bytes) -> str:
+        path = self.out_dir / ref
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return ref
 
     def _open(self, name: str) -> IO[str]:
         path = self.out_dir / name
@@ -392,11 +418,12 @@ class MultiPublisher:
             raise ValueError("MultiPublisher needs at least one publisher")
         self.publishers = list(publishers)
 
-    def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None) -> bool:
+    def publish_result(self, result: FrameResult, overlay_jpeg: bytes | None = None,
+                       stills: Stills | None = None) -> bool:
         published = False
         primary_ref = None
         for i, publisher in enumerate(self.publishers):
-            published = publisher.publish_result(result, overlay_jpeg) or published
+            published = publisher.publish_result(result, overlay_jpeg, stills) or published
             if i == 0:
                 primary_ref = result.overlay_ref
         result.overlay_ref = primary_ref

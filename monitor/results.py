@@ -13,10 +13,28 @@ from engine.visualize import resize_map
 MAX_BOXES = 10  # a frame with more regions is a scene-wide change; ten boxes are enough to show it
 
 
+@dataclass(frozen=True)
+class Stills:
+    """JPEGs of a flagged frame as scored (model-input size) and of the frame before it, which
+    its temporal channels compared against: what a reviewer sees and "not an anomaly" adds."""
+
+    frame: bytes
+    previous: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Media:
+    """What goes out with a result besides its numbers (flagged, escalated frames only)."""
+
+    overlay: bytes | None = None
+    stills: Stills | None = None
+    evidence: dict | None = None
+
 
 def json_safe(record: dict) -> dict:
     """Non-finite floats become None, so the output is strict JSON."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
 
 @dataclass(kw_only=True)  # kw_only: the field list is long and will grow; positional calls would break
 class FrameResult:
@@ -39,6 +57,12 @@ class FrameResult:
     # Claimed from a dead engine after later frames: scored without its predecessor (temporal
     # and motion channels zero, no smoothing) and kept out of event state.
     late: bool = False
+    dropped: int = 0  # frames of this camera's run dropped (and counted) before this one
+    # Flagged frames only: the frame as scored and the one before it (Stills), and the nearest
+    # normal patch to the map's peak (engine/evidence.py), for review and "not an anomaly".
+    frame_ref: str | None = None
+    previous_ref: str | None = None
+    evidence: dict | None = None
 
     def __post_init__(self) -> None:
         # Engine values are often numpy scalars, which json and redis-py reject or mangle.
@@ -68,7 +92,7 @@ class FrameResult:
                 out[f.name] = "1" if value else "0"
             elif isinstance(value, float):
                 out[f.name] = repr(value)  # repr round-trips a float exactly
-            elif f.name == "boxes":
+            elif f.name in ("boxes", "evidence"):
                 out[f.name] = json.dumps(value, separators=(",", ":"))
             else:
                 out[f.name] = str(value)
@@ -85,14 +109,16 @@ class FrameResult:
             raw = flat[f.name]
             if f.name in ("camera", "run_id", "scene"):
                 kwargs[f.name] = raw
-            elif f.name == "overlay_ref":
+            elif f.name in ("overlay_ref", "frame_ref", "previous_ref"):
                 kwargs[f.name] = raw or None
-            elif f.name == "seq":
+            elif f.name in ("seq", "dropped"):
                 kwargs[f.name] = int(raw)
             elif f.name in ("flagged", "escalated"):
                 kwargs[f.name] = raw == "1"
             elif f.name == "boxes":
                 kwargs[f.name] = json.loads(raw) if raw else []
+            elif f.name == "evidence":
+                kwargs[f.name] = json.loads(raw) if raw else None
             else:
                 kwargs[f.name] = float(raw) if raw != "" else None
         return cls(**kwargs)

@@ -676,7 +676,7 @@ class Supervisor:
 
 def run_service(config: MonitorConfig, log_json: bool = False) -> int:
     """`spade-monitor run`: the whole monitor for this config, until a signal (or all files end)."""
-    with stop_on_signals() as stop:
+    with stop_on_signals() as stop, console_beside(config):
         if config.bus.kind == "inprocess":
             health = Health(_redis_for_health(config))
             with metrics_endpoint(config, health):
@@ -685,3 +685,18 @@ def run_service(config: MonitorConfig, log_json: bool = False) -> int:
             return _nothing_read_code(result.ingest)
         config.redis.connection_url()  # an unset password_env fails here, in one line
         return Supervisor(config, log_json).run(stop)
+
+
+@contextmanager
+def console_beside(config: MonitorConfig):
+    """The console, served for as long as `run` runs, when the config enables it."""
+    if not config.console.enabled:
+        yield
+        return
+    from .console.service import RunningConsole
+
+    console = RunningConsole(config)
+    try:
+        yield
+    finally:
+        console.stop()

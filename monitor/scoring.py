@@ -2,8 +2,8 @@
 
 Frames whose scenes share a model and input size share one backbone pass; each scene then
 gates its rows, matches the escalated ones pixel by pixel, and takes the frame decision of
-engine/decision.py (smoothing and flag per camera). Escalated frames get regions, and flagged
-ones an overlay.
+engine/decision.py (smoothing and flag per camera). Escalated frames get regions; flagged ones
+an overlay, stills, and the evidence of their peak (engine/evidence.py).
 """
 from __future__ import annotations
 
@@ -13,16 +13,20 @@ from collections import defaultdict
 import torch
 
 from engine.backbones import Features
+from engine.evidence import peak_evidence
+from engine.preprocess import encode_jpeg
 
 from .frames import Frame
 from .publish import encode_overlay
-from .results import FrameResult, regions_from_map
+from .results import FrameResult, Media, Stills, regions_from_map
 from .scenes import Scene, SceneSet
+
+STILL_QUALITY = 95  # stills are re-scored when marked normal: close to the frame the engine saw
 
 
 class BatchScorer:
-    """Turns frames into (result, overlay JPEG or None) pairs. Holds each camera's last
-    pyramid, which the temporal features of its next frame compare against."""
+    """Turns frames into (result, media) pairs. Holds each camera's last pyramid, which the
+    temporal features of its next frame compare against, and its last frame."""
 
     def __init__(self, scenes: SceneSet, camera_scene: dict[str, str], stats, escalate: str, overlays: bool):
         self.scenes = scenes
@@ -31,13 +35,19 @@ class BatchScorer:
         self.escalate = escalate
         self.overlays = overlays
         self._previous: dict = {}  # camera -> pyramid of its last frame
+        self._last_image: dict = {}  # camera -> its last frame, the previous still of a flagged one
 
     def knows(self, camera: str) -> bool:
         return self.camera_scene.get(camera) in self.scenes
 
-    def score(self, frames: list[Frame], late: bool = False) -> list[tuple[FrameResult, bytes | None]]:
+    def score(self, frames: list[Frame], late: bool = False) -> list[tuple[FrameResult, Media]]:
         """late: frames claimed from a dead engine, which later frames of their camera may already
         have passed; they find their predecessors in their own batch only and leave the context alone."""
+        previous: list = []  # each frame's predecessor, for its stills
+        for f in frames:
+            previous.append(None if late else self._last_image.get(f.camera))
+            if not late:
+                self._last_image[f.camera] = f.image
         groups: dict[tuple, list[int]] = defaultdict(list)  # frames by the backbone pass they share
         for i, f in enumerate(frames):
             scene = self._scene_of(f)
@@ -56,7 +66,8 @@ class BatchScorer:
             for scene_name, rows in by_scene.items():
                 sel = torch.tensor(rows, device=feats.global_.device)
                 sub = Features(global_=feats.global_[sel], pyramid={k: v[sel] for k, v in feats.pyramid.items()})
-                scored = self._score_scene(self.scenes[scene_name], [frames[idx[r]] for r in rows], sub, late)
+                scored = self._score_scene(self.scenes[scene_name], [frames[idx[r]] for r in rows],
+                                           [previous[idx[r]] for r in rows], sub, late)
                 for j, res in zip(rows, scored):
                     out[idx[j]] = res
         return out
@@ -64,7 +75,7 @@ class BatchScorer:
     def _scene_of(self, frame: Frame) -> Scene:
         return self.scenes[self.camera_scene[frame.camera]]
 
-    def _score_scene(self, scene: Scene, frames: list[Frame], feats: Features, late: bool):
+    def _score_scene(self, scene: Scene, frames: list[Frame], previous: list, feats: Features, late: bool):
         th = scene.thresholds
         res = scene.model.score_features(feats, scene.bank, maps=self.escalate, tau=th.gate_tau)
         self.stats.stage_seconds["gate"] += res.gate_seconds
@@ -81,17 +92,30 @@ class BatchScorer:
                 capture_ts=frame.capture_ts, published_ts=None, scene=scene.name, image_score=score,
                 tau=th.tau, flagged=flagged, escalated=amap is not None,
                 max_pixel_score=None, theta=th.theta, anomalous_area=None, boxes=[], overlay_ref=None, late=late,
+                dropped=frame.dropped_before,
             )
-            overlay = None
+            media = Media()
             if amap is not None:
                 result.max_pixel_score = float(amap.max())
                 result.anomalous_area, result.boxes = regions_from_map(amap, th.theta, frame.image.shape[:2])
                 if result.flagged and self.overlays:
                     t1 = time.perf_counter()
-                    image = scene.model.bank_preprocess(scene.bank).frame(frame.image)
-                    overlay = encode_overlay(image, amap, th.theta)
+                    media = self._media(scene, frame, previous[i], amap, feats, i, res.neighbours[i])
+                    result.evidence = media.evidence
                     self.stats.stage_seconds["overlay"] += time.perf_counter() - t1
             self.stats.escalated += amap is not None
             self.stats.flagged += result.flagged
-            results.append((result, overlay))
+            results.append((result, media))
         return results
+
+    def _media(self, scene: Scene, frame: Frame, previous, amap, feats: Features, row: int, neighbours) -> Media:
+        """What a flagged frame is reviewed with: overlay, stills, and the nearest normal patch."""
+        preprocess = scene.model.bank_preprocess(scene.bank)
+        image = preprocess.frame(frame.image)
+        stills = Stills(encode_jpeg(image, STILL_QUALITY),
+                        None if previous is None else encode_jpeg(preprocess.frame(previous), STILL_QUALITY))
+        cfg = scene.model.config
+        evidence = peak_evidence(amap, {lv: feats.pyramid[lv][row] for lv in cfg.levels}, scene.bank.pyramid,
+                                 neighbours[: cfg.k_pixel], cfg.levels[0])
+        evidence = {**evidence.to_json(), "bank_version": scene.bank.version}
+        return Media(encode_overlay(image, amap, scene.thresholds.theta), stills, evidence)

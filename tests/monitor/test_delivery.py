@@ -10,7 +10,7 @@ from monitor.delivery import Abandoned, ResultDelivery
 from monitor.frames import Frame
 from monitor.ledger import SeqLedger
 from monitor.publish import PublishError
-from monitor.results import FrameResult
+from monitor.results import FrameResult, Media
 from monitor.telemetry import EngineMetrics
 from monitor.worker import EngineStats
 
@@ -23,7 +23,7 @@ class _Sink:
         self.keys: set = set()
         self.fail_first = fail_first
 
-    def publish_result(self, result, overlay=None):
+    def publish_result(self, result, overlay=None, stills=None):
         if self.fail_first:
             self.fail_first -= 1
             raise PublishError("redis at redis://127.0.0.1:1/0: publish failed (ConnectionError)")
@@ -50,7 +50,7 @@ def _pair(seq: int, flagged: bool):
     result = FrameResult(camera="cam", run_id="r" * 32, seq=seq, source_ts=seq / 5, capture_ts=0.0, scene="s",
                          image_score=2.0 if flagged else 0.1, tau=1.0, flagged=flagged, escalated=flagged)
     frame = Frame(camera="cam", seq=seq, source_ts=seq / 5, capture_ts=0.0, image=None, run_id="r" * 32)
-    return (result, None), frame
+    return (result, Media()), frame
 
 
 def _deliver(delivery, flags, start=0):

@@ -244,15 +244,15 @@ def test_directory_publisher_writes_all_files(tmp_path):
 
     results = read_jsonl(out / "results.jsonl")
     assert len(results) == 40 and FrameResult.from_json(results[0]).camera == "cam1"
-    assert results[5]["overlay_ref"] == "overlays/cam1/5.jpg" and results[0]["overlay_ref"] is None
+    assert results[5]["overlay_ref"] == f"overlays/cam1/{RUN[:8]}-5.jpg" and results[0]["overlay_ref"] is None
     events = read_jsonl(out / "events.jsonl")
     assert [(e["camera"], e["kind"]) for e in events] == [("cam1", "start"), ("cam1", "end"),
                                                           ("cam2", "start"), ("cam2", "end")]
-    assert events[1]["best_overlay_ref"] == "overlays/cam1/5.jpg"
+    assert events[1]["best_overlay_ref"] == f"overlays/cam1/{RUN[:8]}-5.jpg"
     assert [s["status"] for s in read_jsonl(out / "status.jsonl")] == ["finished", "finished"]
-    overlay = cv2.imread(str(out / "overlays" / "cam2" / "7.jpg"))
+    overlay = cv2.imread(str(out / "overlays" / "cam2" / f"{RUN[:8]}-7.jpg"))
     assert overlay is not None and overlay.shape == (48, 64, 3)
-    assert not (out / "overlays" / "cam1" / "0.jpg").exists()
+    assert not (out / "overlays" / "cam1" / f"{RUN[:8]}-0.jpg").exists()
     for camera in ("cam1", "cam2"):
         timeline = cv2.imread(str(out / f"timeline_{camera}.png"))
         assert timeline is not None and timeline.shape[0] > 100 and timeline.shape[1] > 500
@@ -291,7 +291,7 @@ def test_multi_publisher_fans_out_and_keeps_primary_ref(redis_server, tmp_path):
     multi.publish_status("cam1", "running")
     multi.close()
     assert client(redis_server.url).xlen("results:cam1") == 1
-    assert read_jsonl(tmp_path / "results.jsonl")[0]["overlay_ref"] == "overlays/cam1/7.jpg"
+    assert read_jsonl(tmp_path / "results.jsonl")[0]["overlay_ref"] == f"overlays/cam1/{RUN[:8]}-7.jpg"
     assert (tmp_path / "timeline_cam1.png").is_file()
 
 
@@ -343,3 +343,22 @@ def test_only_the_newest_overlays_of_a_camera_are_kept(redis_server):
     assert r.exists(f"overlay:cam2:{RUN}:0")
     assert r.xlen("results:cam1") == 10  # results keep their overlay_ref; the image may have gone
     pub.close()
+
+
+def test_stills_are_written_next_to_the_overlay_and_only_checked_refs_resolve(tmp_path):
+    from monitor.publish import media_path
+    from monitor.results import Stills
+
+    pub = DirectoryPublisher(tmp_path)
+    result = make_result(seq=4)
+    assert pub.publish_result(result, small_jpeg(), Stills(b"\xff\xd8frame", b"\xff\xd8prev"))
+    pub.close()
+    record = read_jsonl(tmp_path / "results.jsonl")[0]
+    assert record["frame_ref"] == f"frames/cam1/{RUN[:8]}-4.jpg"
+    assert record["previous_ref"] == f"frames/cam1/{RUN[:8]}-4-prev.jpg"
+    assert media_path(tmp_path, record["frame_ref"]).read_bytes() == b"\xff\xd8frame"
+    assert media_path(tmp_path, record["previous_ref"]).read_bytes() == b"\xff\xd8prev"
+    assert media_path(tmp_path, "overlays/cam1/4.jpg") is not None  # folders from before the run prefix
+    for bad in ("../x.jpg", "frames/../../x.jpg", "frames/cam1/../../x-1.jpg", "/etc/x.jpg", "frames/..a/1.jpg",
+                "frames/cam1/4.png", "frames/cam1/sub/4.jpg", "frames/cam1/4.jpg\n", "results.jsonl", "", None):
+        assert media_path(tmp_path, bad) is None, bad

@@ -149,12 +149,12 @@ class _FlakySink:
         self.inner, self.failures, self.bus = inner, failures, bus
         self.unfinished_at_failures: list[int] = []  # the bus's pending frames at each failure
 
-    def publish_result(self, result, overlay=None):
+    def publish_result(self, result, overlay=None, stills=None):
         if self.failures > 0:
             self.failures -= 1
             self.unfinished_at_failures.append(self.bus.pending() if self.bus else -1)
             raise PublishError("redis at redis://127.0.0.1:1/0: publish failed (ConnectionError)")
-        return self.inner.publish_result(result, overlay)
+        return self.inner.publish_result(result, overlay, stills)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
