@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from test_console_browser import CHROMEDRIVER, CHROMIUM, _wait_for
+from test_console_browser import _wait_for
 
 from engine.bank import ReferenceBank
 from engine.datasets import iter_video_frames
