@@ -143,7 +143,7 @@ def cmd_reference_info(args) -> int:
 
 
 def cmd_demo_scene(args) -> int:
-    from engine.synthetic import make_scene
+    from engine.datasets.synthetic import make_scene
 
     info = make_scene(args.out, seed=args.seed)
     print(f"synthetic scene written to {info.root}")

@@ -41,9 +41,9 @@ COLUMNS = ("sampled", "published", "dropped", "duplicated", "lost uncounted")
 
 def build_bank(workdir: Path) -> tuple[Path, list[Path]]:
     """A small synthetic scene's calibrated bank and its test videos (the cameras)."""
+    from engine.datasets.synthetic import make_scene
     from engine.reference import build_reference
     from engine.spade import Spade, preset
-    from engine.synthetic import make_scene
 
     scene = make_scene(workdir / "scene", seed=3, size=(120, 160), n_train_clips=3, train_len=40,
                        n_test_clips=2, test_len=60, write_videos=True)

@@ -25,7 +25,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def scene(tmp_path_factory):
     """One small synthetic scene, shared by the tests that need frames with known anomalies."""
-    from engine.synthetic import make_scene
+    from engine.datasets.synthetic import make_scene
 
     return make_scene(tmp_path_factory.mktemp("scene"), seed=3, size=(120, 160), n_train_clips=3,
                       train_len=40, n_test_clips=2, test_len=60, write_videos=True)

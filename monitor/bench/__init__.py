@@ -2,7 +2,7 @@
 
     spade-monitor bench [--device auto|cpu|cuda] [--backbone B] [--threads N] [--json FILE] [--quick]
 
-Everything is generated in a temporary folder: a synthetic scene (engine.synthetic), its
+Everything is generated in a temporary folder: a synthetic scene (engine.datasets.synthetic), its
 reference bank built from the training frames with the `camera` preset and calibrated as
 `spade-monitor reference build --fps <scene fps>` does, and the scene's test clip re-encoded as
 H.264 without B-frames (as many IP cameras send it), so that packets are frames, with a key frame

@@ -40,10 +40,10 @@ def run_bench(device: str = "auto", backbone: str | None = None, quick: bool = F
     import torch
 
     from engine.bank import ReferenceBank
+    from engine.datasets.synthetic import make_scene
     from engine.errors import ConfigError
     from engine.reference import build_reference
     from engine.spade import Spade, preset
-    from engine.synthetic import make_scene
 
     from ..config import EngineConfig
 

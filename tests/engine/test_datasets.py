@@ -7,7 +7,6 @@ import cv2
 import numpy as np
 import pytest
 
-from engine import synthetic
 from engine.datasets import (
     Clip,
     DecodeStats,
@@ -18,6 +17,7 @@ from engine.datasets import (
     iter_source_frames,
     iter_video_frames,
     read_image,
+    synthetic,
 )
 from engine.errors import DataError
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from engine.datasets import VideoDataset, detect_video_layout, iter_video_frames
+from engine.datasets.synthetic import ANOMALY_KINDS, make_scene
 from engine.errors import ConfigError, DataError
-from engine.synthetic import ANOMALY_KINDS, make_scene
 
 SMALL = dict(size=(120, 160), n_train_clips=2, train_len=12, n_test_clips=3, test_len=40, fps=10)
 

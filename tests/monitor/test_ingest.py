@@ -20,7 +20,7 @@ from monitor.urls import redact_url
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> dict[str, Path]:
     """short: 1 s at 10 fps; long: 4 s at 10 fps; truncated: the first 60% of an MJPEG AVI."""
-    from engine.synthetic import make_scene
+    from engine.datasets.synthetic import make_scene
 
     root = tmp_path_factory.mktemp("ingest")
     info = make_scene(root / "scene", seed=1, size=(120, 160), n_train_clips=1, train_len=10,

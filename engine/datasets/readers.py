@@ -13,7 +13,7 @@ from typing import Iterator, Literal
 import cv2
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.mov', '.m4v', '.mpg', '.mpeg', '.ts', '.webm')

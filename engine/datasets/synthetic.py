@@ -22,7 +22,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 ANOMALY_KINDS = ('fast', 'vehicle', 'lawn')
 
