@@ -449,6 +449,36 @@ class RedisFrameBus:
             self._next_scan = now + (DISCOVER_EVERY_S if self._known else DISCOVER_EMPTY_EVERY_S)
         return list(self._known)
 
+    def set_cameras(self, cameras: list[str]) -> None:
+        """Read only these cameras from now on (the ones this engine owns: monitor/ownership.py).
+        Frames read ahead for others are left pending: their new owner claims them."""
+        with self._lock:
+            self._fixed_cameras = list(cameras)
+            keep = {self.stream_of(c) for c in cameras}
+            self._carry = deque(m for m in self._carry if self.stream_of(m.id.rpartition("/")[0]) in keep)
+
+    def claim_camera(self, camera: str) -> list[BusMessage]:
+        """Every frame of `camera` delivered to any consumer and not acked, now this one's, oldest
+        first: a new owner takes over what the previous one held."""
+        stream = self.stream_of(camera)
+
+        def claim() -> list[BusMessage]:
+            self._ensure_groups([stream])
+            out: list[BusMessage] = []
+            cursor: bytes | str = "0-0"
+            while True:
+                reply = self._redis.xautoclaim(stream, self.group, self.consumer, min_idle_time=0,
+                                               start_id=cursor, count=CLAIM_PAGE)
+                cursor = reply[0]
+                out.extend(self._message(stream, eid, f) for eid, f in reply[1])
+                if _text(cursor) == "0-0":
+                    return out
+
+        try:
+            return self._call(claim, budget_s=0)
+        except (_GaveUp, BusClosed):
+            return []
+
     # ---- producer side ------------------------------------------------------------------------------
 
     def put(self, frame: Frame, *, live: bool) -> None:

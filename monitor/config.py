@@ -119,6 +119,9 @@ class EngineConfig(_Section):
     escalate: Literal["flagged", "all", "none"] = "flagged"
     # Frames another engine took but did not acknowledge for this long are presumed orphaned.
     claim_idle_s: float = Field(30.0, gt=0)
+    # Redis bus: how long a dead engine's cameras stay its own before live engines take them
+    # (monitor/ownership.py); leases are renewed every third of it.
+    lease_s: float = Field(9.0, gt=0)
     # CPU threads for the backbone; null = torch's default. Where ingest decoding shares the
     # cores, 1 avoids thread oversubscription stalls (README, Performance).
     threads: Optional[int] = Field(None, ge=1)

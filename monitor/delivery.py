@@ -92,6 +92,12 @@ class ResultDelivery:
         self._trackers[camera] = tracker
         return tracker
 
+    def forget(self, camera: str) -> None:
+        """Drop the camera's event state without ending its event: the camera's new engine takes
+        the event over from what was published."""
+        self._trackers.pop(camera, None)
+        self._inherited.pop(camera, None)
+
     def close(self) -> None:
         """End open events (a stopped engine cannot see them end)."""
         events = [e for tracker in self._trackers.values() for e in tracker.flush()]

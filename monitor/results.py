@@ -58,6 +58,7 @@ class FrameResult:
     # and motion channels zero, no smoothing) and kept out of event state.
     late: bool = False
     dropped: int = 0  # frames of this camera's run dropped (and counted) before this one
+    engine: str = ""  # the engine that scored it (its bus consumer name)
     # Flagged frames only: the frame as scored and the one before it (Stills), and the nearest
     # normal patch to the map's peak (engine/evidence.py), for review and "not an anomaly".
     frame_ref: str | None = None
@@ -107,7 +108,7 @@ class FrameResult:
             if f.name not in flat:
                 continue
             raw = flat[f.name]
-            if f.name in ("camera", "run_id", "scene"):
+            if f.name in ("camera", "run_id", "scene", "engine"):
                 kwargs[f.name] = raw
             elif f.name in ("overlay_ref", "frame_ref", "previous_ref"):
                 kwargs[f.name] = raw or None

@@ -39,11 +39,14 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import redis
+
 from engine.errors import ConfigError, SpadeError
 
 from .bus import BusClosed, InProcessBus, RedisFrameBus
 from .config import MonitorConfig, camera_ids
 from .ingest import OFFLINE, IngestWorker
+from .ownership import CameraLeases
 from .publish import DirectoryPublisher, MultiPublisher, PublishError, RedisPublisher, StatusFile
 from .retry import Backoff
 from .telemetry import Health, IngestMetrics, mark_process_dead, multiprocess_registry, serve
@@ -386,8 +389,11 @@ def _engine_loop(config: MonitorConfig, stop: threading.Event, drain_all, ready,
 
     publisher = build_publisher(config)
     bus = make_redis_bus(config, camera_ids(config), consumer=f"engine-{socket.gethostname()}-{os.getpid()}")
+    leases = CameraLeases(redis.Redis.from_url(config.redis.connection_url(), socket_timeout=5.0,
+                                               socket_connect_timeout=2.0),
+                          bus.consumer, camera_ids(config), config.engine.lease_s)
     try:
-        engine = EngineWorker(config, bus, publisher)
+        engine = EngineWorker(config, bus, publisher, leases=leases)
         log.info("engine: cameras %s from %s on %s (pid %d)", ", ".join(camera_ids(config)), bus.url_for_logs,
                  engine.device, os.getpid())
         engine.stopping = stop

@@ -37,6 +37,14 @@ class BatchScorer:
         self._previous: dict = {}  # camera -> pyramid of its last frame
         self._last_image: dict = {}  # camera -> its last frame, the previous still of a flagged one
 
+    def forget(self, camera: str) -> None:
+        """Drop the camera's past (a handover): its next frame is scored as a stream's first."""
+        self._previous.pop(camera, None)
+        self._last_image.pop(camera, None)
+        scene = self.camera_scene.get(camera)
+        if scene in self.scenes:
+            self.scenes[scene].scorer.restart(camera)
+
     def knows(self, camera: str) -> bool:
         return self.camera_scene.get(camera) in self.scenes
 

@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import redis
 import torch
 
 from .delivery import Abandoned, ResultDelivery
@@ -57,7 +58,8 @@ class EngineStats:
 
 
 class EngineWorker:
-    def __init__(self, config, bus, publisher, metrics: EngineMetrics | None = None):
+    def __init__(self, config, bus, publisher, metrics: EngineMetrics | None = None, leases=None):
+        """leases: a CameraLeases (monitor/ownership.py) when several engines share the cameras."""
         if config.engine.threads:
             torch.set_num_threads(config.engine.threads)
         self.config = config
@@ -72,6 +74,10 @@ class EngineWorker:
         self.ledger = SeqLedger(grace_s=2 * config.engine.claim_idle_s)
         self.delivery = ResultDelivery(publisher, config.events, self.metrics, self.stats, self.ledger)
         self._data_losses = 0  # the bus's count of Redis data losses, as last seen
+        self.engine_id = getattr(bus, "consumer", "local")
+        self.leases = leases
+        if leases is not None:
+            bus.set_cameras([])  # nothing until the first leases are taken
         now = time.monotonic()
         self._next_claim = now  # claim at once: a previous engine may have died with frames pending
         self._next_reload = now + RELOAD_EVERY_S
@@ -116,6 +122,8 @@ class EngineWorker:
         now = time.monotonic()
         taken = 0
         self.metrics.update(self.bus, self.device)
+        if self.leases is not None and self.leases.due():
+            taken += self._rebalance()
         if now >= self._next_claim:
             self._next_claim = now + max(0.5, eng.claim_idle_s)
             taken += self.recover_pending(eng.claim_idle_s)
@@ -131,6 +139,28 @@ class EngineWorker:
         if now >= self._next_stats:
             self._next_stats = now + STATS_EVERY_S
             self.log_stats()
+        return taken
+
+    def _rebalance(self) -> int:
+        """Renew the camera leases; take over what a gained camera's last owner left pending."""
+        try:
+            gained, lost = self.leases.renew()
+        except redis.RedisError as exc:
+            log.warning("engine %s: camera leases not renewed (%s); retrying", self.engine_id, type(exc).__name__)
+            return 0
+        for camera in gained | lost:
+            self.scorer.forget(camera)
+            self.delivery.forget(camera)
+        if gained or lost:
+            self.bus.set_cameras(sorted(self.leases.owned))
+        taken = 0
+        for camera in sorted(gained):
+            msgs = self.bus.claim_camera(camera)
+            if msgs:
+                log.info("camera %s: took over %d frame(s) its previous engine left unacknowledged", camera, len(msgs))
+                self.stats.claimed += len(msgs)
+                self._process_safely(msgs)
+                taken += len(msgs)
         return taken
 
     def _count_lost(self, now: float, final: bool = False) -> None:
@@ -159,6 +189,10 @@ class EngineWorker:
         eng = self.config.engine
         deadline = None if limit_s is None else time.monotonic() + limit_s
         total = 0
+        if claim_idle_s is not None and self.leases is not None:
+            # The final drain runs when every camera has ended and this is the only engine left:
+            # what a dead engine still holds the lease of is ours to finish.
+            self.bus.set_cameras(list(self.scorer.camera_scene))
         while deadline is None or time.monotonic() < deadline:
             msgs = self.bus.get_batch(eng.max_batch, idle_s)
             if msgs:
@@ -217,6 +251,8 @@ class EngineWorker:
                 good.append(m)
         frames = [m.frame for m in good]
         results = self.scorer.score(frames, late) if good else []
+        for result, _ in results:
+            result.engine = self.engine_id
         t0 = time.perf_counter()
         self.delivery.deliver(results, frames)
         self.stats.stage_seconds["publish"] += time.perf_counter() - t0
@@ -230,5 +266,9 @@ class EngineWorker:
         return [r for r, _ in results]
 
     def close(self) -> None:
-        """End open events (a stopped engine cannot see them end)."""
-        self.delivery.close()
+        """End open events (a stopped engine cannot see them end), unless other engines live on
+        to take the cameras over, with their events; then give the cameras up at once."""
+        if self.leases is None or not self.leases.others_alive():
+            self.delivery.close()
+        if self.leases is not None:
+            self.leases.release_all()
