@@ -23,9 +23,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-from engine.datasets.synthetic import make_scene  # noqa: E402
-from engine.reference import build_reference  # noqa: E402
-from engine.spade import Spade, preset  # noqa: E402
+from small_scene import scene_and_bank  # noqa: E402 - next to this script
 
 
 def _port() -> int:
@@ -75,11 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        scene = make_scene(work / "scene", seed=3, size=(120, 160), n_train_clips=3, train_len=40, n_test_clips=2,
-                           test_len=args.frames)
-        bank = work / "plaza.bank"
-        spade = Spade(preset("camera", device="cpu", batch_size=8, max_frames=60))
-        build_reference(spade, [scene.root / "training" / "frames"], "plaza", progress=False).save(bank)
+        scene, bank = scene_and_bank(work, args.frames)
         rates: dict[bool, list[float]] = {False: [], True: []}
         runs = 0
         for _ in range(args.runs):

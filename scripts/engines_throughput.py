@@ -18,12 +18,12 @@ import redis
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+from small_scene import scene_and_bank  # noqa: E402 - next to this script
+
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import RedisServer  # noqa: E402 - the tests' real redis-server on a free port
 
-from engine.datasets.synthetic import make_scene  # noqa: E402
-from engine.reference import build_reference  # noqa: E402
-from engine.spade import Spade, preset  # noqa: E402
 from monitor.ownership import ENGINES_KEY, OWNER_PREFIX  # noqa: E402
 
 
@@ -69,11 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        scene = make_scene(work / "scene", seed=3, size=(120, 160), n_train_clips=3, train_len=40, n_test_clips=2,
-                           test_len=args.frames)
-        bank = work / "plaza.bank"
-        spade = Spade(preset("camera", device="cpu", batch_size=8, max_frames=60))
-        build_reference(spade, [scene.root / "training" / "frames"], "plaza", progress=False).save(bank)
+        scene, bank = scene_and_bank(work, args.frames)
         rates = {n: measure(work, scene, bank, args.cameras, n) for n in (1, 2)}
     print(f"{args.cameras} cameras x {args.frames} frames, 1 torch thread per engine, {os.cpu_count()} CPUs")
     print(f"1 engine: {rates[1]:.1f} frames/s; 2 engines: {rates[2]:.1f} frames/s; ratio {rates[2] / rates[1]:.2f}")

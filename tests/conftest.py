@@ -88,6 +88,33 @@ class RedisServer:
             self.proc = None
 
 
+def redis_config_with(args: list[str], workdir: Path) -> dict:
+    """CONFIG GET * of a redis-server started with a deploy file's arguments (password 'pw'):
+    what the server really made of them."""
+    import shutil
+
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not installed (scripts/install-system-deps.sh)")
+    port = free_port()
+    proc = subprocess.Popen([exe, *args, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, password="pw")
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        return client.config_get("*")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @pytest.fixture
 def redis_server(tmp_path):
     server = RedisServer(tmp_path)

@@ -256,33 +256,14 @@ def test_compose_services():
 def test_compose_redis_persists_with_aof_and_never_evicts_a_stream(tmp_path):
     """The compose file's Redis options, run by a real redis-server: AOF fsync'd every second, a
     memory cap, and an eviction policy that only ever removes keys with a TTL."""
-    import time
+    from conftest import redis_config_with
 
-    import redis
-
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server not installed (scripts/install-system-deps.sh)")
     command = _yaml(COMPOSE)["services"]["redis"]["command"]
     args = [re.sub(r"\$\{(\w+)(:-([^}]*)|:\?[^}]*)\}", lambda m: m.group(3) or "pw", a) for a in command[1:]]
-    port = free_port()
-    proc = subprocess.Popen([exe, *args, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        client = redis.Redis(port=port, password="pw")
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        config = client.config_get("*")
-        assert config["appendonly"] == "yes" and config["appendfsync"] == "everysec"
-        assert config["maxmemory-policy"] == "volatile-ttl"
-        assert int(config["maxmemory"]) == 1024 ** 3
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    config = redis_config_with(args, tmp_path)
+    assert config["appendonly"] == "yes" and config["appendfsync"] == "everysec"
+    assert config["maxmemory-policy"] == "volatile-ttl"
+    assert int(config["maxmemory"]) == 1024 ** 3
 
 
 @pytest.mark.parametrize("name", MONITOR_SERVICES)

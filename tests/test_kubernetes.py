@@ -475,35 +475,12 @@ def test_redis_persists_with_aof_on_a_volume(rendered):
 
 def test_redis_options_run_on_a_real_redis_server(rendered, tmp_path):
     """The StatefulSet's redis-server arguments, run by a real redis-server as the compose test does."""
-    import shutil
-    import subprocess
-    import time
+    from conftest import redis_config_with
 
-    import redis
-    from conftest import free_port
-
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server not installed (scripts/install-system-deps.sh)")
     args = _get(rendered["cpu"], "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]["args"]
-    args = [a.replace("$(REDIS_PASSWORD)", "pw") for a in args[1:]]
-    port = free_port()
-    proc = subprocess.Popen([exe, *args, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        client = redis.Redis(port=port, password="pw")
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        config = client.config_get("*")
-        assert config["appendonly"] == "yes" and config["maxmemory-policy"] == "volatile-ttl"
-        assert int(config["maxmemory"]) == 1024 ** 3
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    config = redis_config_with([a.replace("$(REDIS_PASSWORD)", "pw") for a in args[1:]], tmp_path)
+    assert config["appendonly"] == "yes" and config["maxmemory-policy"] == "volatile-ttl"
+    assert int(config["maxmemory"]) == 1024 ** 3
 
 
 # -- the GPU overlay ----------------------------------------------------------------------------
