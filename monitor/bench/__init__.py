@@ -44,6 +44,20 @@ every GOP frames. Then, on one table:
   from results.jsonl; "p99 2nd half" leaves out the first half of the run (start-up). The
   engine worker's stage_seconds are shown per run. The latency bound is engine.max_wait_ms +
   3 x the mean time the worker spent per batch in that run;
+- engine overhead (monitor/bench/overhead.py): the engine path with a null backbone (the real
+  backbone's output shapes as cached random tensors, expanded: it costs about nothing) and
+  everything else real: EngineWorker over an InProcessBus with batches of 32, preprocessing,
+  temporal channels with each camera's state, the gate, pixel matching of the 1% of frames the
+  gate_tau of a bank copy escalates, results, events, overlays and stills, the folder publisher,
+  acks; 4 cameras, frames pre-generated and queued before the clock starts, ms per frame from
+  the first get to the last ack (target <= 0.25 ms). Over the target, more frames run under
+  cProfile and the functions with the most own time are listed;
+- Redis frame bus (monitor/bench/redisbus.py): a throwaway redis-server on a loopback port, 2
+  producer processes (2 cameras each) putting 240x320 frames with the live put (the Lua script
+  cameras use; JPEG at the bus's default quality), one consumer taking get_batch(32) and acking:
+  frames/s (target >= 2,000), the CPU per frame of each role, and the JPEG codec and Redis
+  round trips one frame at a time, to say where the limit is. Not measured (None) without
+  redis-server;
 - memory: peak RSS of the engine process (each camera count runs in a fresh process of its
   own, so the figure is the engine's and nothing else's; per run, VmHWM is reset first),
   torch.cuda.max_memory_allocated on CUDA, and bytes per stored reference frame (file, tensors
@@ -54,6 +68,8 @@ so the backbone-only figures use the same setting as the pipeline. The default l
 to decoding: max(1, usable cores - 1), i.e. 1 on a 2-core machine, where ingest decode threads
 share the cores (the engine with 1 thread was measured much faster than with 2 there).
 
+`--json` also holds engine_overhead_ms_per_frame and bus_frames_per_s.
+
 Pipeline efficiency = end-to-end frames/s / backbone-only frames/s, both in the best mode at the
 engine's max batch; backbone-only is measured in the engine's process just before and just
 after each throughput run (machines drift), and the run is divided by their mean. It is
@@ -63,9 +79,11 @@ CUDA).
 --quick (the CI smoke test, under a minute on a 2-core CPU): a 120x160 scene, a 60-frame bank,
 a 120-frame clip (120 frames per run, at least 30 per camera), batches 1/4/16, gate banks of 1k
 and 10k rows at the backbone's real dimension (the 10% gate target is stated for 100k rows: the
-quick run does not judge it), K in {1, 10}, 1 and 4 cameras, short timings. The full run (about
+quick run does not judge it), K in {1, 10}, 1 and 4 cameras, 640 frames (320 profiled) of engine overhead, 800 frames through
+the Redis bus, short timings. The full run (about
 7 minutes on a 2-core CPU): 240x320, a 120-frame bank, a 480-frame clip (480 frames per run, at
-least 40 per camera), batches 1/4/8/16, 1k/10k/100k, K in {1, 10, 50}, 1, 4 and 16 cameras.
+least 40 per camera), batches 1/4/8/16, 1k/10k/100k, K in {1, 10, 50}, 1, 4 and 16 cameras, 3,200 frames (800 profiled) of engine overhead, 8,000
+frames through the Redis bus.
 """
 from __future__ import annotations
 

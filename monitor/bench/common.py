@@ -21,6 +21,8 @@ TARGETS = {
     "best_mode_speedup": 3.0,  # >=
     "gate_fraction": 0.10,  # <=, at 100k reference frames
     "pixel_matching_speedup": 5.0,  # >=, K = 10
+    "engine_overhead_ms_per_frame": 0.25,  # <=, null backbone, batch 32, 1% escalation, in-process bus
+    "bus_frames_per_s": 2000.0,  # >=, Redis frame bus, 240x320 JPEG frames
 }
 LATENCY_LOAD = 0.7  # offered load in latency mode, as a fraction of the measured throughput
 SCENE_FPS = 10.0
@@ -43,15 +45,20 @@ class Plan:
     rates: list[float] = field(default_factory=lambda: [0.01, 0.10])
     min_time_s: float = 2.0  # per timed figure
     match_frames: int = 8
+    overhead_frames: int = 3200  # engine overhead (null backbone): frames timed, over all cameras
+    overhead_profile_frames: int = 1600  # ...and profiled, when over the target
+    bus_frames: int = 8000  # Redis bus throughput: frames put, over all producers
+    bus_producers: int = 2  # ingest-side producer processes
 
     @classmethod
     def make(cls, quick: bool, max_batch: int) -> "Plan":
         if quick:
             return cls(True, (120, 160), 3, 20, 120, sorted({1, 4, max_batch}), [1000, 10_000], [1, 10],
-                       [1, 4], frames_per_run=120, min_frames_per_camera=30, min_time_s=0.3, match_frames=3)
+                       [1, 4], frames_per_run=120, min_frames_per_camera=30, min_time_s=0.3, match_frames=3,
+                       overhead_frames=640, overhead_profile_frames=320, bus_frames=800)
         return cls(False, (240, 320), 4, 30, 480, sorted({1, 4, 8, 16, max_batch}), [1000, 10_000, 100_000],
                    [1, 10, 50], [1, 4, 16], frames_per_run=480, min_frames_per_camera=40, min_time_s=2.0,
-                   match_frames=3)
+                   match_frames=3, overhead_profile_frames=800)
 
     def frames_per_camera(self, cameras: int) -> int:
         return min(self.test_len, max(self.min_frames_per_camera, math.ceil(self.frames_per_run / cameras)))

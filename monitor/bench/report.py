@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import resource
 import statistics
 import tempfile
@@ -26,7 +27,9 @@ from .common import (
     machine_info,
     resolve_bench_device,
 )
+from .overhead import bench_engine_overhead
 from .pipeline import _in_engine_process
+from .redisbus import bench_redis_bus
 from .sections import bench_backbone, bench_gate, bench_matching, gate_scores
 
 log = logging.getLogger(__name__)
@@ -162,6 +165,13 @@ def run_bench(device: str = "auto", backbone: str | None = None, quick: bool = F
             "gate_index_bytes_per_frame": report["gate"]["sizes"][str(plan.bank_sizes[-1])]["scene_like"][
                 "index_bytes_per_frame"],
         })
+
+        say("engine overhead: the engine with a null backbone")
+        report["engine_overhead"] = bench_engine_overhead(bank_path, str(video), frames, plan, dev, threads, tmp)
+        report["engine_overhead_ms_per_frame"] = report["engine_overhead"]["ms_per_frame"]
+        say("Redis frame bus throughput")
+        report["redis_bus"] = bench_redis_bus(frames, plan, tmp)
+        report["bus_frames_per_s"] = report["redis_bus"]["frames_per_s"]
     report["targets"] = _targets(report, plan)
     report["seconds"] = time.perf_counter() - t_start
     if json_path:
@@ -185,12 +195,20 @@ def _targets(report: dict, plan: Plan) -> dict:
                                    "target": f">= {TARGETS['pixel_matching_speedup']}"},
         "latency_bound": {"value": all(r["latency_bound_holds"] for r in lat), "target": "p99 <= max wait + 3 x batch",
                           "runs_within": sum(r["latency_bound_holds"] for r in lat), "runs": len(lat)},
+        "engine_overhead_ms_per_frame": {"value": report["engine_overhead_ms_per_frame"],
+                                         "target": f"<= {TARGETS['engine_overhead_ms_per_frame']}",
+                                         "max_batch": report["engine_overhead"]["max_batch"],
+                                         "escalation": report["engine_overhead"]["escalation_target"]},
+        "bus_frames_per_s": {"value": report["bus_frames_per_s"], "target": f">= {TARGETS['bus_frames_per_s']:.0f}",
+                             "producers": report["redis_bus"]["producers"], "put": report["redis_bus"]["put"]},
     }
     checks = {"pipeline_efficiency": lambda v: v >= TARGETS["pipeline_efficiency"],
               "best_mode_speedup": lambda v: v >= TARGETS["best_mode_speedup"],
               "gate_fraction": lambda v: v <= TARGETS["gate_fraction"],
               "pixel_matching_speedup": lambda v: v >= TARGETS["pixel_matching_speedup"],
-              "latency_bound": bool}
+              "latency_bound": bool,
+              "engine_overhead_ms_per_frame": lambda v: v <= TARGETS["engine_overhead_ms_per_frame"],
+              "bus_frames_per_s": lambda v: v >= TARGETS["bus_frames_per_s"]}
     for key, entry in out.items():
         v = entry["value"]
         entry["met"] = None if v is None else bool(checks[key](v))
@@ -238,6 +256,71 @@ def _stage_line(run: dict) -> str:
     stages = ", ".join(f"{k} {_f(st[k], 2)}" for k in keys)
     return (f"    {run['cameras']:>2} cam {run['rate_target']:>4.0%} {run['mode']:<10}: {stages}; "
             f"mean batch {run['mean_batch_frames']:.1f} frames, {run['mean_batch_ms']:.0f} ms")
+
+
+def _fn_name(name: str) -> str:
+    """A profile entry's function, short: 'cv2.DenseOpticalFlow.calc', 'torch.cat', 'engine/x.py:12(f)'."""
+    m = re.fullmatch(r"<method '(\w+)' of '([\w.]+)' objects>", name)
+    if m:
+        return f"{m.group(2).replace('torch._C.TensorBase', 'Tensor')}.{m.group(1)}"
+    m = re.fullmatch(r"<built-in method ([\w.]+)>", name)
+    if m:
+        return m.group(1).replace("torch._C._nn.", "torch.nn.")
+    return name
+
+
+def _overhead_lines(o: dict, s: dict, add: Callable[[str], None]) -> None:
+    shapes = next(iter(o["null_backbone_shapes"].values()), {})
+    dims = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
+    add(f"engine overhead: the engine path with a null backbone ({s['backbone']}'s outputs: {dims}; cached, "
+        f"expanded), EngineWorker,")
+    add(f"  in-process bus, folder publisher; {o['cameras']} cameras, {o['frames']} frames of "
+        f"{o['input_size'][0]}x{o['input_size'][1]}, max batch {o['max_batch']}, first get to last ack")
+    add(f"  {o['ms_per_frame']:.3f} ms/frame (target <= {o['target_ms_per_frame']}); escalated {o['escalated']:.1%} "
+        f"(target {o['escalation_target']:.0%}), flagged {o['flagged']:.1%}; mean batch {o['mean_batch_frames']:.1f} "
+        f"frames, {o['mean_batch_ms']:.0f} ms")
+    st = dict(o["stage_ms_per_frame"])
+    batch = st.pop("batch", 0.0)
+    names = {"backbone": "features (preprocess, null backbone, change, motion)"}
+    order = [k for k in ("backbone", "gate", "pixel_matching", "overlay", "publish") if k in st]
+    order += sorted(k for k in st if k not in order)
+    parts = [f"{names.get(k, k)} {st[k]:.3f}" for k in order]
+    parts.append(f"rest of process() {batch - sum(st.values()):.3f}")
+    parts.append(f"outside process() {o['unaccounted_ms_per_frame']:.3f}")
+    add("  ms/frame: " + ", ".join(parts))
+    prof = o.get("profile")
+    if prof:
+        add(f"  cProfile of {prof['frames']} more frames ({prof['profiled_ms_per_frame']:.2f} ms/frame under the "
+            f"profiler), most own time:")
+        add("      ms/frame  share  calls/frame  function")
+        for row in prof["top_own"][:12]:
+            add(f"    {row['own_ms_per_frame']:>10.3f}  {row['own_share']:>5.1%}  {row['calls_per_frame']:>11.2f}  "
+                f"{_fn_name(row['function'])}")
+        cum = ", ".join(f"{_fn_name(row['function']).split('(')[-1].rstrip(')')} {row['cum_ms_per_frame']:.2f}"
+                        for row in prof["top_cumulative_project"][:12])
+        add(f"    project functions, cumulative ms/frame: {cum}")
+
+
+def _bus_lines(b: dict, add: Callable[[str], None]) -> None:
+    head = (f"redis frame bus: {b['producers']} producer processes x {b['cameras'] // b['producers']} cameras, "
+            f"{b['put']} put, 1 consumer (get_batch {b['batch']} + ack), redis-server on loopback")
+    if b.get("frames_per_s") is None:
+        add(f"{head}: not measured ({b.get('error', 'no figure')})")
+        return
+    add(head)
+    c, cpu = b["components"], b["cpu_ms_per_frame"]
+    h, w = b["frame_size"]
+    add(f"  {h}x{w} JPEG q{b['jpeg_quality']} (mean {c['jpeg_bytes'] / 1024:.1f} KiB); {b['frames_put']} frames put, "
+        f"{b['frames_shed']} shed (live max_len {b['max_len']}), {b['frames']} taken")
+    add(f"  {b['frames_per_s']:.0f} frames/s through the bus (target >= {b['target_frames_per_s']:.0f}); producers put "
+        f"{b['put_frames_per_s']:.0f} frames/s")
+    add(f"  CPU ms/frame in the run: producers {cpu['producers']:.2f}, redis-server {cpu['redis_server']:.2f}, "
+        f"consumer {cpu['consumer']:.2f} = {sum(cpu.values()):.2f} ({b['cores_busy']:.2f} cores busy)")
+    add(f"  alone, one frame at a time, ms: JPEG encode {c['jpeg_encode_ms']:.2f}, live put less encode "
+        f"{c['live_put_redis_ms']:.2f}; get_batch + ack less decode {c['get_ack_redis_ms']:.2f}, JPEG decode "
+        f"{c['jpeg_decode_ms']:.2f}")
+    add(f"  with all {b['usable_cores']} cores: {_f(b['cpu_bound_frames_per_s'], 0)} frames/s at the run's CPU per frame, "
+        f"{_f(b['jpeg_bound_frames_per_s'], 0)} for JPEG encode + decode alone")
 
 
 def format_report(r: dict) -> str:
@@ -301,6 +384,11 @@ def format_report(r: dict) -> str:
         add(_stage_line(run))
     add("")
 
+    _overhead_lines(r["engine_overhead"], r["settings"], add)
+    add("")
+    _bus_lines(r["redis_bus"], add)
+    add("")
+
     mem = r["memory"]
     cuda = ""
     if mem.get("engine_cuda_peak_allocated_mib") is not None:
@@ -332,6 +420,12 @@ def format_report(r: dict) -> str:
     lb = t["latency_bound"]
     add(f"latency p99 bound       {lb['runs_within']}/{lb['runs']} latency runs within max wait + 3 x mean batch "
         f"time ({verdict(lb)})")
+    eo = t["engine_overhead_ms_per_frame"]
+    add(f"engine overhead         {_f(eo['value'], 2)} ms/frame (null backbone, batch {eo['max_batch']}, "
+        f"{eo['escalation']:.0%} escalation, in-process bus; target {eo['target']}: {verdict(eo)})")
+    bf = t["bus_frames_per_s"]
+    add(f"redis bus throughput    {_f(bf['value'], 0)} frames/s ({bf['producers']} producers, {bf['put']} put, "
+        f"240x320 JPEG; target {bf['target']}: {verdict(bf)})")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 not that the machine meets the performance targets."""
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,16 +90,42 @@ def test_quick_bench_reports_every_figure(quick_report):
                 "bank_memory_bytes_per_frame"):
         assert _positive(mem[key]), key
 
+    # the engine with a null backbone: real path, batches of 32, about 1% escalated
+    overhead = report["engine_overhead"]
+    assert _positive(report["engine_overhead_ms_per_frame"])
+    assert overhead["ms_per_frame"] == report["engine_overhead_ms_per_frame"]
+    assert overhead["max_batch"] == 32 and overhead["frames"] > 0 and overhead["failed"] == 0
+    assert 0 < overhead["escalated"] <= 0.05
+    assert _positive(overhead["stage_ms_per_frame"]["batch"])
+    if overhead["profile"] is not None:  # over the target: where the time went
+        assert overhead["profile"]["top_own"] and _positive(overhead["profile"]["profiled_ms_per_frame"])
+
+    # frames through the Redis frame bus, with a real redis-server where one is installed
+    bus = report["redis_bus"]
+    if shutil.which("redis-server"):
+        assert _positive(report["bus_frames_per_s"])
+        assert bus["frames"] > 0 and bus["corrupt"] == 0 and bus["frames"] + bus["frames_shed"] == bus["frames_put"]
+        for value in bus["components"].values():
+            assert math.isfinite(value) and value >= 0
+    else:
+        assert report["bus_frames_per_s"] is None and "redis-server" in bus["error"]
+
     targets = report["targets"]
     assert set(targets) == {"pipeline_efficiency", "best_mode_speedup", "gate_fraction",
-                            "pixel_matching_speedup", "latency_bound"}
+                            "pixel_matching_speedup", "latency_bound", "engine_overhead_ms_per_frame",
+                            "bus_frames_per_s"}
     for key, met in (("pipeline_efficiency", lambda v, t: v >= t), ("best_mode_speedup", lambda v, t: v >= t),
-                     ("gate_fraction", lambda v, t: v <= t), ("pixel_matching_speedup", lambda v, t: v >= t)):
+                     ("gate_fraction", lambda v, t: v <= t), ("pixel_matching_speedup", lambda v, t: v >= t),
+                     ("engine_overhead_ms_per_frame", lambda v, t: v <= t), ("bus_frames_per_s", lambda v, t: v >= t)):
+        if targets[key]["value"] is None:  # no redis-server
+            assert targets[key]["met"] is None, key
+            continue
         assert targets[key]["met"] is met(targets[key]["value"], TARGETS[key]), key  # the verdict follows the figure
     bound = targets["latency_bound"]
     assert bound["met"] is (bound["runs_within"] == bound["runs"])
     assert targets["gate_fraction"]["judged"] is False  # --quick stops at 10k reference frames
     assert "stage_seconds" in table and "pipeline efficiency" in table
+    assert "engine overhead" in table and "redis bus throughput" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
