@@ -66,7 +66,7 @@ class Service:
                                "mode": "live", "loop": True, "realtime": True}
                         for i, name in enumerate(self.names)},
             "scenes": {"plaza": {"bank": str(bank)}},
-            "engine": {"device": "cpu", "max_batch": 8, "threads": 1, "claim_idle_s": CLAIM_IDLE_S, "lease_s": 3},
+            "engine": {"device": "cpu", "max_batch": 8, "threads": 1, "claim_idle_s": CLAIM_IDLE_S},
             "bus": {"kind": "redis", "max_len": 30, "max_age_s": MAX_AGE_S},
             "redis": {"url": redis_url},
             "ingest": {"watchdog_s": 2, "backoff_initial_s": 0.2, "backoff_max_s": 1},
