@@ -383,16 +383,19 @@ class RedisFrameBus:
                 log.info("frame bus: Redis at %s reachable again", self.url_for_logs)
                 self._check_server()
 
-    def _check_server(self) -> None:
-        """Note a Redis restart: whatever it held since its last save may be gone."""
+    def _check_server(self) -> float | None:
+        """Note a Redis restart: whatever it held since its last save may be gone. Returns the
+        server's uptime in seconds (None if it did not answer)."""
         try:
             info = self._redis.info("server")
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
-            return
+            return None
         server_id = info.get("run_id")
+        uptime = float(info.get("uptime_in_seconds", 0))
         if self._server_id is not None and server_id != self._server_id:
-            self._note_loss(float(info.get("uptime_in_seconds", 0)) + 1.0)
+            self._note_loss(uptime + 1.0)
         self._server_id = server_id
+        return uptime
 
     def _note_loss(self, ago_s: float) -> None:
         self.intact_until = time.monotonic() - ago_s
@@ -415,14 +418,19 @@ class RedisFrameBus:
         pipe = self._redis.pipeline(transaction=False)
         for stream in missing:
             pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
+        lost_group = False
         for stream, result in zip(missing, pipe.execute(raise_on_error=False)):
             if isinstance(result, redis.ResponseError) and not str(result).startswith("BUSYGROUP"):
                 raise result
             if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
                 raise result
-            if result is True and stream in self._ever_grouped:
-                # The group we had is gone, and so is what the stream held, since some time ago.
-                self._note_loss(GROUP_LOSS_LOOKBACK_S)
+            lost_group = lost_group or (result is True and stream in self._ever_grouped)
+        if lost_group:
+            # The group we had is gone, and so is what the stream held, since some time ago: not
+            # before the server started. A lookback reaching further would take in frames shed
+            # before then, and so mis-count the loss (monitor/ledger.py).
+            uptime = self._check_server()
+            self._note_loss(GROUP_LOSS_LOOKBACK_S if uptime is None else min(GROUP_LOSS_LOOKBACK_S, uptime + 1.0))
         with self._lock:
             self._grouped.update(missing)
             self._ever_grouped.update(missing)
@@ -467,8 +475,17 @@ class RedisFrameBus:
             out: list[BusMessage] = []
             cursor: bytes | str = "0-0"
             while True:
-                reply = self._redis.xautoclaim(stream, self.group, self.consumer, min_idle_time=0,
-                                               start_id=cursor, count=CLAIM_PAGE)
+                try:
+                    reply = self._redis.xautoclaim(stream, self.group, self.consumer, min_idle_time=0,
+                                                   start_id=cursor, count=CLAIM_PAGE)
+                except redis.ResponseError as exc:
+                    if not _is_nogroup(exc):
+                        raise
+                    # The group went with a Redis restart or flush (counted when it is re-created),
+                    # and with it anything pending: nothing to take over.
+                    self._forget_groups()
+                    self._ensure_groups([stream])
+                    return out
                 cursor = reply[0]
                 out.extend(self._message(stream, eid, f) for eid, f in reply[1])
                 if _text(cursor) == "0-0":

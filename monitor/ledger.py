@@ -57,12 +57,14 @@ class SeqLedger:
         self._runs: dict[tuple[str, str], _Run] = {}
         self._loss: tuple[float, float] | None = None  # (intact until, count at) of a loss not yet counted
 
-    def note_data_loss(self, intact_until: float, now: float) -> None:
-        """Redis lost what it held after `intact_until` (a time of the `now` clock)."""
+    def note_data_loss(self, intact_until: float, now: float) -> bool:
+        """Redis lost what it held after `intact_until` (a time of the `now` clock). False when
+        this merges with a loss not yet counted (the same one noticed twice, or a second one)."""
         if self._loss is None:
             self._loss = (intact_until, now + self.grace_s)
-        else:  # the same loss noticed twice, or a second one before the first was counted
-            self._loss = (min(self._loss[0], intact_until), max(self._loss[1], now + self.grace_s))
+            return True
+        self._loss = (min(self._loss[0], intact_until), max(self._loss[1], now + self.grace_s))
+        return False
 
     def observe(self, camera: str, run_id: str, seq: int, dropped_before: int, now: float) -> None:
         """A frame that has a result: published now, or found published already (a re-delivery)."""

@@ -167,7 +167,10 @@ class EngineWorker:
         losses = self.bus.data_losses
         if losses != self._data_losses:
             self._data_losses = losses
-            self.ledger.note_data_loss(self.bus.intact_until, now)
+            if self.ledger.note_data_loss(self.bus.intact_until, now):
+                log.warning("frame bus: Redis lost data (restarted or flushed) %.0fs ago; frames missing since "
+                            "then are counted as lost in %.0fs, once pending ones had time to be claimed",
+                            time.monotonic() - self.bus.intact_until, self.ledger.grace_s)
         for camera, n in self.ledger.settle(now, final):
             self.stats.lost += n
             self.metrics.observe_drop(camera, "lost", n)

@@ -183,6 +183,56 @@ def test_frames_a_redis_crash_takes_are_counted_lost_exactly(redis_server):
     engine.close()
 
 
+def test_a_redis_restart_first_met_by_a_camera_takeover_is_counted_from_when_it_happened(redis_server):
+    """As in the chaos run: a camera's new owner meets the restarted Redis in claim_camera (the
+    group is gone), and the ledger's baseline is below zero because frames older than the first
+    one this engine saw were shed after it was stamped. The takeover must not fail, and the
+    loss must be dated by the restart, not a fixed lookback that reaches past those sheds."""
+    from monitor.ledger import SeqLedger
+
+    producer = redis_bus(redis_server, cameras=["a"], consumer="ingest", max_age_s=1.0)
+    engine = redis_bus(redis_server, cameras=["a"], consumer="engine")
+    ledger = SeqLedger(grace_s=5)
+
+    def consume() -> int:
+        got = engine.get_batch(100, 0.5)
+        for m in got:
+            ledger.observe(m.frame.camera, m.frame.run_id, m.frame.seq, m.frame.dropped_before, time.monotonic())
+        engine.ack([m.id for m in got])
+        return len(got)
+
+    for i in range(5):
+        producer.put(make_frame("a", i), live=True)
+    time.sleep(0.6)
+    for i in range(5, 10):
+        producer.put(make_frame("a", i), live=True)  # stamped: nothing shed yet
+    time.sleep(0.6)
+    producer.put(make_frame("a", 10), live=True)  # sheds 0-4, stamped 5 on this frame
+    published = consume()  # 5..10: the range holds 5 drops of frames below it
+    assert published == 6
+    ledger.settle(time.monotonic())
+    assert sum(s for _, s in ledger._runs[("a", "r1")].history) == -5
+    time.sleep(2.5)  # the baseline is older than the restart, and its second of rounding
+    for i in range(11, 26):
+        producer.put(make_frame("a", i), live=True)  # the backlog Redis takes with it
+    redis_server.kill()
+    redis_server.start()
+    assert engine.claim_camera("a") == []  # the group is gone, and nothing pending with it
+    assert engine.data_losses >= 1
+    assert time.monotonic() - engine.intact_until < 10
+    for i in range(26, 36):
+        producer.put(make_frame("a", i), live=True)
+    deadline = time.monotonic() + 10
+    while published < 6 + 10 and time.monotonic() < deadline:
+        published += consume()
+    now = time.monotonic()
+    ledger.note_data_loss(engine.intact_until, now)
+    assert sum(n for _, n in ledger.settle(now + 6)) == 15
+    assert published + sum(producer.stats.dropped.values()) + 15 == 36
+    producer.close()
+    engine.close()
+
+
 def test_live_put_counts_no_drop_when_engine_keeps_up(redis_server):
     # Acked frames are deleted, so trimming must not count already-processed frames as drops.
     bus = redis_bus(redis_server, max_len=10, cameras=["a"])
