@@ -43,7 +43,7 @@ class Calibration:
     @classmethod
     def from_dict(cls, stored: object, where: str = "bank") -> "Calibration":
         """The calibration in a header's "thresholds"; banks from before gate_tau gate at tau."""
-        if not _calibrated(stored):
+        if not _calibrated(stored) or not isinstance(stored, dict):
             raise BankError(f"reference bank {where} is not calibrated: run 'spade-monitor reference calibrate {where}'")
         values = _calibration_fields(stored, where)
         if values.get("gate_tau") is None:
@@ -67,7 +67,7 @@ def _calibrated(stored: object) -> bool:
 
 def _calibration_fields(stored: dict, where: str) -> dict:
     """The known fields of a stored calibration, type-checked; unknown keys are ignored."""
-    values = {}
+    values: dict[str, float | int | str | None] = {}
     for name, kind in _CALIBRATION_KINDS.items():
         if name not in stored:
             continue
@@ -128,6 +128,10 @@ class ReferenceBank:
             self.meta.pop("thresholds", None)
         else:
             self.meta["thresholds"] = value.to_dict()
+
+    def calibrated(self) -> Calibration:
+        """The calibration; BankError with the one-line fix for a bank never calibrated."""
+        return Calibration.from_dict(self.meta.get("thresholds"), self.scene or "bank")
 
     @property
     def preprocess(self) -> Preprocess:
@@ -245,6 +249,7 @@ class ReferenceBank:
 
         path = Path(path)
         before = _file_state(path)
+        data = b""
         try:
             data = path.read_bytes()
             meta = _parse_meta(data, path)
@@ -254,7 +259,7 @@ class ReferenceBank:
         except Exception as exc:
             raise BankError(f"reference bank {path} is corrupt or truncated ({exc.__class__.__name__}): rebuild it") from None
         finally:
-            data = None  # the tensors are copies: free the file's bytes now
+            data = b""  # the tensors are copies: free the file's bytes now
         if _file_state(path) != before:
             raise BankError(f"reference bank {path} changed while it was being read: it is read again once the "
                             f"writer is done (replace bank files by rename to avoid this)")
@@ -363,6 +368,7 @@ def _check_header(meta: dict, path: Path) -> None:
     size = prep.get("size") if isinstance(prep, dict) else None
     if not (isinstance(size, list) and len(size) == 2 and all(_positive_int(v) for v in size)):
         raise bad("no valid preprocess size (a [height, width] pair of positive integers)")
+    assert isinstance(prep, dict)  # a valid size was found in it
     if prep.get("resize") is not None and not _positive_int(prep["resize"]):
         raise bad("an invalid preprocess resize (a positive integer or null)")
     levels = meta.get("levels")

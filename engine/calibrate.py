@@ -83,7 +83,10 @@ def holdout_scores(bank: ReferenceBank, config: SpadeConfig, max_eval: int = 240
     runs = holdout_runs(folds, max_eval, length=max(8, 3 * config.temporal_window))
     total = sum(r.numel() for r in runs)
     rng = np.random.default_rng(seed)
-    image, run_of, gate, pixel = [], [], [], []
+    image: list[np.ndarray] = []
+    run_of: list[np.ndarray] = []
+    gate: list[np.ndarray] = []
+    pixel: list[np.ndarray] = []
     per_frame_pixels = max(1, pixel_samples // total)
     device = bank.global_feats.device
     search_dtype = match_dtype(resolve_precision(config.precision, device), device)  # as the scoring path
@@ -96,6 +99,7 @@ def holdout_scores(bank: ReferenceBank, config: SpadeConfig, max_eval: int = 240
             feats = Features(global_=bank.global_feats[qb].float(),
                              pyramid={lv: bank.pyramid[lv][qb].float() for lv in config.levels})
             res = score_features(config, feats, bank, maps="all", search_dtype=search_dtype, candidates=ref)
+            assert res.maps is not None and res.gate_scores is not None  # maps="all"
             flat = res.maps.reshape(len(qb), -1)
             image.append(res.image_scores)
             run_of.append(np.full(len(qb), r))

@@ -13,6 +13,7 @@ import numpy as np
 from . import accuracy
 from .calibrate import calibrate
 from .datasets import VideoDataset, find_mvtec_categories, read_image
+from .datasets.readers import VideoLayout
 from .decision import FrameScorer, Thresholds
 from .progress import Progress
 from .spade import Spade, SpadeConfig
@@ -58,6 +59,7 @@ def evaluate_mvtec(root: str | Path, config: SpadeConfig, category: str | None =
         rows[cat.name] = _evaluate_category(spade, cat, pictures, progress, log)
     keys = ("image_rocauc", "pixel_rocauc", "pro")
     mean = {k: float(np.nanmean([r[k] for r in rows.values()])) for k in keys}
+    images_per_s = float(np.mean([r["test_images_per_s"] for r in rows.values()]))
     payload = {
         "dataset": "mvtec",
         "root": str(root),
@@ -67,14 +69,14 @@ def evaluate_mvtec(root: str | Path, config: SpadeConfig, category: str | None =
         "precision": spade.extractor.precision,
         "device": str(spade.device),
         "throughput": {
-            "test_images_per_s": float(np.mean([r["test_images_per_s"] for r in rows.values()])),
+            "test_images_per_s": images_per_s,
             "seconds": float(sum(r["seconds"] for r in rows.values())),
         },
         "peak_memory_mb": peak_memory_mb(),
     }
     table = _table(["category", "image ROCAUC", "pixel ROCAUC", "PRO", "img/s"],
                    [[n, r["image_rocauc"], r["pixel_rocauc"], r["pro"], r["test_images_per_s"]] for n, r in rows.items()]
-                   + [["mean", mean["image_rocauc"], mean["pixel_rocauc"], mean["pro"], payload["throughput"]["test_images_per_s"]]])
+                   + [["mean", mean["image_rocauc"], mean["pixel_rocauc"], mean["pro"], images_per_s]])
     return Report(payload, table)
 
 
@@ -94,6 +96,7 @@ def _evaluate_category(spade: Spade, cat, pictures, progress, log) -> dict:
         bar.update(len(chunk))
         images = [read_image(s.path) for s in chunk]
         res = spade.score(images, bank, maps="all")
+        assert res.maps is not None  # maps="all"
         for s, img, score, amap in zip(chunk, images, res.image_scores, res.maps):
             labels.append(s.label)
             scores.append(float(score))
@@ -169,7 +172,7 @@ def frame_figures(per_clip: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
     }
 
 
-def evaluate_video(root: str | Path, config: SpadeConfig, layout: str | None = None,
+def evaluate_video(root: str | Path, config: SpadeConfig, layout: VideoLayout | None = None,
                    pictures: str | Path | None = None, progress: bool = True, log=print,
                    clips: list[str] | None = None) -> Report:
     """Frame and pixel figures per test clip; `clips` keeps only the test clips of those names
@@ -186,7 +189,7 @@ def evaluate_video(root: str | Path, config: SpadeConfig, layout: str | None = N
             continue
         t0 = time.perf_counter()
         train = data.train_clips(scene)
-        sources = [str(c.video_path or c.frame_paths[0].parent) for c in train]
+        sources = [str(c.source) for c in train]
         pairs = ((i, f) for i, clip in enumerate(train) for f in clip.frames())
         bank = spade.build_bank(pairs, sources, total=sum(len(c) for c in train), progress=progress)
         calibrate(bank, config, progress=progress)

@@ -22,6 +22,7 @@ bank load), index_bytes() says what it costs.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from dataclasses import dataclass
@@ -40,16 +41,18 @@ def _exact(query: torch.Tensor, reference: torch.Tensor, k: int, chunk: int,
            ref_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact fp32 search of `reference` (any float dtype; fp32 rows are used as they are)."""
     q_sq = (query * query).sum(1, keepdim=True)
-    best_d = best_i = None
+    best_d: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
     for start in range(0, reference.shape[0], chunk):
         ref = reference[start : start + chunk].to(query.device, torch.float32, non_blocking=True)
         r_sq = (ref * ref).sum(1) if ref_sq is None else ref_sq[start : start + chunk]
         d = torch.addmm(q_sq + r_sq[None], query, ref.T, beta=1.0, alpha=-2.0)
         i = torch.arange(start, start + ref.shape[0], device=query.device).expand_as(d)
-        if best_d is not None:
+        if best_d is not None and best_i is not None:
             d, i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
         best_d, pos = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False)
         best_i = torch.gather(i, 1, pos)
+    assert best_d is not None and best_i is not None, "empty reference"
     return best_d.clamp_min_(0.0), best_i
 
 
@@ -118,7 +121,7 @@ class _Registry:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry[0]() is not reference or entry[1] != stamp:
-                ref = weakref.ref(reference, lambda r, key=key: self._forget(key, r))
+                ref = weakref.ref(reference, functools.partial(self._forget, key))
                 entry = self._entries[key] = [ref, stamp, None]  # first search: exact, remember the tensor
                 if not now:
                     return None
@@ -208,17 +211,19 @@ def _search_bf16(query: torch.Tensor, index: _Index, reference: torch.Tensor, k:
     q_sq = (centred * centred).sum(1, keepdim=True)
     q_b = centred.bfloat16()
     q_err = beta * q_sq.sqrt()
-    best_lb = best_i = None
+    best_lb: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
     for start in range(0, n, chunk):
         r_sq = index.sq[None, start : start + chunk]
         dot = (q_b @ index.data[start : start + chunk].T).float()
         lb = (q_sq + r_sq).sub_(dot, alpha=2.0)
         lb.sub_(q_err * index.norm[None, start : start + chunk]).sub_(eta * (q_sq + r_sq))
         i = torch.arange(start, start + lb.shape[1], device=query.device).expand_as(lb)
-        if best_lb is not None:
+        if best_lb is not None and best_i is not None:
             lb, i = torch.cat([best_lb, lb], 1), torch.cat([best_i, i], 1)
         best_lb, pos = torch.topk(lb, min(c_max, lb.shape[1]), dim=1, largest=False)
         best_i = torch.gather(i, 1, pos)
+    assert best_lb is not None and best_i is not None, "empty index"
 
     c = min(c_max, k + max(k, CANDIDATE_MARGIN))
     d, idx, d_k = _rerank(query, reference, best_i[:, :c], k)

@@ -68,10 +68,11 @@ def nearest_cell_distance_lowp(query: torch.Tensor, gallery: torch.Tensor, dtype
     ones_q, ones_g = torch.ones_like(q_hi), torch.ones_like(g_hi)
     q_aug = torch.cat([q, ones_q, ones_q, -q_hi, -q_lo], 1)
     g_aug = torch.cat([2 * g, g_hi, g_lo, ones_g, ones_g], 1)  # doubling is exact in bf16
-    best = None
+    best: torch.Tensor | None = None
     for start in range(0, g_aug.shape[0], chunk):
         neg_d2 = (q_aug @ g_aug[start : start + chunk].T).amax(1)
         best = neg_d2 if best is None else torch.maximum(best, neg_d2)
+    assert best is not None, "empty gallery"
     return (-best.float()).clamp_min_(0.0).sqrt_()
 
 
@@ -125,7 +126,7 @@ def anomaly_maps(query_pyramid: dict[str, torch.Tensor], bank_pyramid: dict[str,
     groups: dict[tuple, list[int]] = defaultdict(list)  # frames with the same K nearest frames
     for b, row in enumerate(neighbours.tolist()):
         groups[tuple(row)].append(b)
-    total = None
+    total: torch.Tensor | None = None
     for level, q in query_pyramid.items():
         _, c, h, w = q.shape
         level_map = torch.empty(q.shape[0], h * w, device=q.device)
@@ -142,6 +143,7 @@ def anomaly_maps(query_pyramid: dict[str, torch.Tensor], bank_pyramid: dict[str,
         level_map = F.interpolate(level_map.view(-1, 1, h, w), size=out_size, mode="bilinear",
                                   align_corners=False)[:, 0]
         total = level_map if total is None else total + level_map
+    assert total is not None, "no pyramid level"
     return gaussian_smooth(total, sigma)
 
 

@@ -206,6 +206,7 @@ def score_features(config: SpadeConfig, feats: Features, bank: ReferenceBank, ma
     elif maps == "flagged":
         if tau is None:
             tau = Thresholds.of_bank(bank, c.image_score).gate_tau
+        assert gate is not None  # set above whenever maps are wanted
         rows = torch.nonzero(gate > tau).flatten().tolist()
     else:
         rows = []
@@ -220,7 +221,7 @@ def score_features(config: SpadeConfig, feats: Features, bank: ReferenceBank, ma
     image_scores = dn2.cpu().numpy()
     if c.map_scored:
         image_scores = np.full(batch, np.nan, dtype=np.float32)
-        if rows:
+        if out_maps is not None:
             image_scores[rows] = map_image_scores(out_maps, c)
     return ScoreResult(image_scores=image_scores, dn2_scores=dn2.cpu().numpy(),
                        neighbours=idx.cpu().numpy(), maps=out_maps, map_rows=rows,
@@ -314,7 +315,7 @@ class Spade:
         for key, grey in previous.items():
             if key is not None:
                 context.setdefault(key, {})["grey"] = grey
-        return {level: torch.cat([cur, motion_channels(flows, tuple(cur.shape[2:]), self.config.motion_weight,
+        return {level: torch.cat([cur, motion_channels(flows, (cur.shape[2], cur.shape[3]), self.config.motion_weight,
                                                        cur.device)], dim=1)
                 for level, cur in pyramid.items()}
 
@@ -349,7 +350,9 @@ class Spade:
         """
         c = self.config
         preprocess = None
-        store_g, store_p, store_grp = [], {lv: [] for lv in c.levels}, []
+        store_g: list[torch.Tensor] = []
+        store_p: dict[str, list[torch.Tensor]] = {lv: [] for lv in c.levels}
+        store_grp: list[int] = []
         store_img: list[bytes] = []  # each kept frame's JPEG, for reviews of what matched it
         pending: list[np.ndarray] = []
         pending_grp: list[int] = []

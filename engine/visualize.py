@@ -236,7 +236,7 @@ def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
     if amap.ndim != 2:
         raise ValueError(f"expected an (h, w) anomaly map, got shape {amap.shape}")
     if amap.shape != (height, width):
-        amap = cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)
+        amap = cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32, copy=False)
     return amap
 
 

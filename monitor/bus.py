@@ -18,11 +18,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, TypeVar
+from typing import Callable, Protocol, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
 
 from engine.errors import ConfigError, DataError, SpadeError
 from monitor.frames import NAME_RULE, Frame, decode_frame, encode_frame, is_safe_name
@@ -207,10 +208,13 @@ class InProcessBus:
             queue = self._queues.setdefault(frame.camera, deque())
             if live:  # shed the oldest waiting frames: too many, or too old to matter live
                 too_old = frame.capture_ts - self.max_age_s
-                while queue and (len(queue) >= self.max_len or queue[0].frame.capture_ts < too_old):
-                    shed = queue.popleft().frame
+                while queue:
+                    oldest = queue[0].frame  # never None in-process: frames are not decoded here
+                    if len(queue) < self.max_len and (oldest is None or oldest.capture_ts >= too_old):
+                        break
+                    queue.popleft()
                     self.stats.count_drop(frame.camera, ENGINE_BEHIND)
-                    if shed.run_id == frame.run_id:
+                    if oldest is not None and oldest.run_id == frame.run_id:
                         self._run_drops.add(frame)
                 frame.dropped_before = self._run_drops.of(frame)
             else:
@@ -515,7 +519,8 @@ class RedisFrameBus:
     def _put_live(self, frame: Frame, stream: str, fields: dict[bytes, bytes]) -> bool:
         """The live XADD (see _LIVE_PUT); False if Redis stayed unreachable (dropped and counted)."""
         del fields[b"dropped"]  # the script stamps it, counting what it sheds
-        args = [self.group, self.max_len, int(self.max_age_s * 1000), frame.run_id, self._run_drops.of(frame)]
+        args: list[EncodableT] = [self.group, self.max_len, int(self.max_age_s * 1000), frame.run_id,
+                                  self._run_drops.of(frame)]
         for key, value in fields.items():
             args += [key, value]
 
@@ -553,11 +558,12 @@ class RedisFrameBus:
         return 0
 
     def _put_replay(self, stream: str, fields: dict[bytes, bytes]) -> None:
+        entry = cast("dict[FieldT, EncodableT]", fields)  # redis-py's dict type is invariant
         poll = Backoff(REPLAY_POLL_START_S, REPLAY_POLL_MAX_S)
         while self._call(lambda: self._backlog(stream), budget_s=None) >= self.max_len:
             if self._closed.wait(poll.next()):
                 raise BusClosed("frame bus closed while a replay frame waited for room")
-        self._call(lambda: self._redis.xadd(stream, fields), budget_s=None)  # no MAXLEN: replay never drops
+        self._call(lambda: self._redis.xadd(stream, entry), budget_s=None)  # no MAXLEN: replay never drops
 
     # ---- consumer side ------------------------------------------------------------------------------
 
@@ -621,7 +627,7 @@ class RedisFrameBus:
             self._ensure_groups(streams)
             return []
         out: list[BusMessage] = []
-        for stream, entries in result or []:
+        for stream, entries in cast(list, result or []):
             out.extend(self._message(_text(stream), eid, f) for eid, f in entries)
         return out
 

@@ -86,7 +86,7 @@ def cmd_reference_build(args) -> int:
     spade = Spade(_config_from(args))
     bank = build_reference(spade, args.source, args.scene, progress=not args.quiet, fps=args.fps)
     bank.save(args.out)
-    t = bank.calibration
+    t = bank.calibrated()
     print(f"scene {args.scene}: {len(bank)} frames ({bank.bytes_per_frame() / 1024:.0f} KiB each), "
           f"tau {t.tau:.4g}, theta {t.theta:.4g} -> {args.out}")
     return 0

@@ -15,14 +15,14 @@ import types
 import typing
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, TypeAlias, Union
 from urllib.parse import quote, unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic.functional_validators import AfterValidator, BeforeValidator
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from engine.errors import ConfigError
 from monitor.frames import NAME_RULE, is_safe_name
@@ -58,6 +58,13 @@ def _id(kind: str) -> Any:
             raise PydanticCustomError("unsafe_id", "invalid id", {"kind": kind})
         return key
     return Annotated[str, BeforeValidator(check)]
+
+
+if TYPE_CHECKING:  # a type checker sees the ids as what they are; pydantic sees the checked form
+    CameraId: TypeAlias = str
+    SceneId: TypeAlias = str
+else:
+    CameraId, SceneId = _id("camera"), _id("scene")
 
 
 class _Section(BaseModel):
@@ -197,14 +204,14 @@ with warnings.catch_warnings():  # the `json` key shadows BaseModel.json(), depr
     warnings.filterwarnings("ignore", message='Field name "json"', category=UserWarning)
 
     class LoggingConfig(_Section):
-        json: bool = False
+        json: bool = False  # type: ignore[assignment]  # the config key; BaseModel.json() is unused
         level: Annotated[str, _rule(lambda v: v.upper() in _LOG_LEVELS)] = Field(
             "INFO", description="one of " + ", ".join(_LOG_LEVELS))
 
 
 class MonitorConfig(_Section):
-    cameras: dict[_id("camera"), CameraConfig]
-    scenes: dict[_id("scene"), SceneConfig]
+    cameras: dict[CameraId, CameraConfig]
+    scenes: dict[SceneId, SceneConfig]
     engine: EngineConfig = Field(default_factory=EngineConfig)
     bus: BusConfig = Field(default_factory=BusConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
@@ -296,7 +303,7 @@ def _describe(tp: Any) -> str:
 
 
 def _expected(tp: Any, info: FieldInfo | None) -> str:
-    if getattr(info, "description", None):
+    if info is not None and info.description:
         return info.description
     bounds = {k: getattr(m, k) for m in getattr(info, "metadata", ()) for k in ("gt", "ge", "le")
               if getattr(m, k, None) is not None}
@@ -325,7 +332,7 @@ def _locate(tp: Any, loc: tuple, path: str) -> tuple[str, Any, FieldInfo | None,
     return path, tp, info, len(loc)
 
 
-def _message(error: dict, cls: type, data: Any, path: str) -> str:
+def _message(error: ErrorDetails, cls: type, data: Any, path: str) -> str:
     loc, kind = error["loc"], error["type"]
     if kind == "unsafe_id":  # loc: (..., the id, "[key]")
         where = _locate(cls, loc[:-2], path)[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .events import EventTracker
+from .events import Event, EventTracker
 from .ledger import SeqLedger
 from .publish import PublishError
 from .results import FrameResult, Media
@@ -40,7 +40,7 @@ class ResultDelivery:
 
     def deliver(self, results: list[tuple[FrameResult, Media]], frames) -> None:
         """Publish results[i] (with its overlay and stills) for frames[i], in order."""
-        i, events = 0, []
+        i, events = 0, list[Event]()
         backoff = Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
         while i < len(results) or events:
             try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from monitor.results import FrameResult, json_safe
 
@@ -49,7 +49,10 @@ class Event:
                 return None
             return kind(value)
 
-        return cls(event_id=str(record["event_id"]), camera=str(record["camera"]), kind=str(record["kind"]),
+        kind = record["kind"]
+        if kind not in get_args(EventKind):
+            raise ValueError(f"unknown event kind {kind!r}")
+        return cls(event_id=str(record["event_id"]), camera=str(record["camera"]), kind=kind,
                    start_seq=get("start_seq", int), start_ts=get("start_ts", float),
                    end_seq=get("end_seq", int, True), end_ts=get("end_ts", float, True),
                    peak_score=get("peak_score", float), peak_seq=get("peak_seq", int),

@@ -6,6 +6,7 @@ such frame is scored against the new reference.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -51,11 +52,14 @@ class BankFeedback:
     def _bank(self, path: Path, version: int | None) -> ReferenceBank:
         history = BankHistory(path)
         live = history.current()
-        source = path if version is None or version == live else history.file_of(version)
+        if version is None or version == live:
+            source, load = path, functools.partial(ReferenceBank.load, path)
+        else:
+            source, load = history.file_of(version), functools.partial(history.load, version)
         key = (str(source), source.stat().st_mtime_ns if source.exists() else 0)
         if key not in self._banks:
             self._banks = {k: v for k, v in self._banks.items() if k[0] != key[0]}  # one copy per file
-            self._banks[key] = ReferenceBank.load(source) if source == path else history.load(version)
+            self._banks[key] = load()
         return self._banks[key]
 
     def confirm(self, event: dict, results: list[dict], user: str) -> dict:
@@ -87,7 +91,7 @@ class BankFeedback:
             version = history.commit(new, "not_anomaly", user, {
                 "event_id": event.get("event_id"), "camera": usable[0].get("camera"), "seqs": seqs,
                 "added": len(frames), "before": before, "after": after})
-        tau_before, tau_after = bank.calibration.tau, new.calibration.tau
+        tau_before, tau_after = bank.calibrated().tau, new.calibrated().tau
         log.info("scene %s: %d frame(s) of %s marked normal by %s: bank v%d -> v%d", scene, len(frames),
                  event.get("event_id") or "a frame", user or "-", version_before, version)
         return {"scene": scene, "version_before": version_before, "version_after": version,

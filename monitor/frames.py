@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import numpy as np
 
@@ -14,7 +15,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 NAME_RULE = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit, without '..'"
 
 
-def is_safe_name(name: object) -> bool:
+def is_safe_name(name: object) -> TypeGuard[str]:
     """Camera and scene ids become Redis key parts and file names: the one rule for them."""
     return isinstance(name, str) and NAME_RE.match(name) is not None and ".." not in name
 

@@ -90,11 +90,12 @@ class SeqLedger:
 
         Runs not heard from for ten minutes are forgotten: their camera restarted or left."""
         out = []
-        count = self._loss is not None and (final or now >= self._loss[1])
+        loss = self._loss
+        count = loss is not None and (final or now >= loss[1])
         for key, run in list(self._runs.items()):
             short = run.shortfall()
-            if count:
-                grown = short - run.shortfall_at(self._loss[0])
+            if count and loss is not None:
+                grown = short - run.shortfall_at(loss[0])
                 if grown > 0:
                     run.lost += grown
                     short -= grown

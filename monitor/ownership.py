@@ -64,7 +64,7 @@ class CameraLeases:
     def live_engines(self) -> list[str]:
         now_ms = int(time.time() * 1000)
         self.client.zremrangebyscore(ENGINES_KEY, "-inf", now_ms)
-        return [m.decode() if isinstance(m, bytes) else m for m in self.client.zrange(ENGINES_KEY, 0, -1)]
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in self.client.zrange(ENGINES_KEY, 0, -1)]
 
     def renew(self) -> tuple[set[str], set[str]]:
         """Heartbeat, keep what is ours, take or give up cameras toward a fair share; returns

@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
@@ -24,7 +24,15 @@ from monitor.results import FrameResult, Stills
 from monitor.timelines import ScoreTimelines
 from monitor.urls import redact_url, scrub
 
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
+
 STATUS_MAXLEN = 1000  # status messages are a heartbeat log; a short tail is enough
+
+
+def _entry(fields: dict[str, str]) -> dict[FieldT, EncodableT]:
+    """A stream entry as redis-py's XADD types it (its dict type is invariant)."""
+    return cast("dict[FieldT, EncodableT]", fields)
 
 
 class PublishError(SpadeError):
@@ -158,7 +166,8 @@ class RedisPublisher:
             raise self._error(f"reading the last event of {camera}", exc) from None
         if not last:
             return None
-        fields = {k.decode(): v.decode(errors="replace") for k, v in last[0][1].items()}
+        entry = cast("dict[bytes, bytes]", last[0][1])  # the client returns bytes (no decode_responses)
+        fields = {k.decode(): v.decode(errors="replace") for k, v in entry.items()}
         return _unended(fields)
 
     def publish_events(self, events: Iterable[Event]) -> None:
@@ -170,7 +179,7 @@ class RedisPublisher:
         pipe = self._client.pipeline(transaction=True)
         for event in events:
             _check_name(event.camera)
-            pipe.xadd(f"events:{event.camera}", event.to_fields(), maxlen=self.stream_maxlen, approximate=True)
+            pipe.xadd(f"events:{event.camera}", _entry(event.to_fields()), maxlen=self.stream_maxlen, approximate=True)
         try:
             pipe.execute()
         except redis.RedisError as exc:
@@ -182,7 +191,7 @@ class RedisPublisher:
         _check_name(camera)
         fields = {"camera": camera, "status": status, "detail": detail, "ts": repr(time.time())}
         try:
-            self._client.xadd(f"status:{camera}", fields, maxlen=min(STATUS_MAXLEN, self.stream_maxlen),
+            self._client.xadd(f"status:{camera}", _entry(fields), maxlen=min(STATUS_MAXLEN, self.stream_maxlen),
                               approximate=True)
         except redis.RedisError as exc:
             raise self._error(f"publishing status of {camera}", exc) from None

@@ -37,7 +37,7 @@ import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import redis
 
@@ -51,6 +51,9 @@ from .publish import DirectoryPublisher, MultiPublisher, PublishError, RedisPubl
 from .retry import Backoff
 from .telemetry import Health, IngestMetrics, mark_process_dead, multiprocess_registry, serve
 from .urls import scrub
+
+if TYPE_CHECKING:
+    from .worker import EngineWorker  # torch: imported where the engine runs
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +422,7 @@ def _engine_loop(config: MonitorConfig, stop: threading.Event, drain_all, ready,
 
 @dataclass
 class LocalRun:
-    engine: object  # EngineWorker
+    engine: EngineWorker
     ingest: IngestGroup
     seconds: float
 
@@ -661,14 +664,16 @@ class Supervisor:
                     break
                 log.info("starting the engine again to drain what the cameras sent")
                 self._start(engine)
-            engine.proc.join(ENGINE_DRAIN_ALL_S)
-            if engine.proc.is_alive():
+            proc = engine.proc
+            assert proc is not None  # started above
+            proc.join(ENGINE_DRAIN_ALL_S)
+            if proc.is_alive():
                 log.warning("engine did not finish draining within %.0fs; killing it", ENGINE_DRAIN_ALL_S)
-                engine.proc.kill()
-                engine.proc.join(5)
-            code = engine.proc.exitcode
-            self._forget_metrics(engine.proc.pid)
-            engine.proc.close()
+                proc.kill()
+                proc.join(5)
+            code = proc.exitcode
+            self._forget_metrics(proc.pid)
+            proc.close()
             engine.proc = None
             if code == 0:
                 return True

@@ -42,7 +42,7 @@ class BatchScorer:
         self._previous.pop(camera, None)
         self._last_image.pop(camera, None)
         scene = self.camera_scene.get(camera)
-        if scene in self.scenes:
+        if scene is not None and scene in self.scenes:
             self.scenes[scene].scorer.restart(camera)
 
     def knows(self, camera: str) -> bool:
@@ -123,7 +123,7 @@ class BatchScorer:
         stills = Stills(encode_jpeg(image, STILL_QUALITY),
                         None if previous is None else encode_jpeg(preprocess.frame(previous), STILL_QUALITY))
         cfg = scene.model.config
-        evidence = peak_evidence(amap, {lv: feats.pyramid[lv][row] for lv in cfg.levels}, scene.bank.pyramid,
-                                 neighbours[: cfg.k_pixel], cfg.levels[0])
-        evidence = {**evidence.to_json(), "bank_version": scene.bank.version}
+        peak = peak_evidence(amap, {lv: feats.pyramid[lv][row] for lv in cfg.levels}, scene.bank.pyramid,
+                             neighbours[: cfg.k_pixel], cfg.levels[0])
+        evidence = {**peak.to_json(), "bank_version": scene.bank.version}
         return Media(encode_overlay(image, amap, scene.thresholds.theta), stills, evidence)

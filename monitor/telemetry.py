@@ -24,7 +24,7 @@ import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,6 +37,9 @@ from prometheus_client import (
 )
 
 from engine.errors import ConfigError
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +280,7 @@ class Health:
         self._loaded = loaded  # e.g. a multiprocessing Event's is_set, for a supervisor
         self._last_beat = time.monotonic()
         self._redis_ok: tuple[float, str | None] = (0.0, "not checked yet")
-        self._client = None
+        self._client: "redis.Redis | None" = None
 
     def beat(self) -> None:
         self._last_beat = time.monotonic()

@@ -310,10 +310,21 @@ class Clip:
             raise DataError(f"clip {self.name} has neither frames nor a video")
         return iter_video_frames(self.video_path)
 
+    @property
+    def source(self) -> Path:
+        """The clip's video file, or its folder of frames."""
+        if self.video_path is not None:
+            return self.video_path
+        if not self.frame_paths:
+            raise DataError(f"clip {self.name} has neither frames nor a video")
+        return self.frame_paths[0].parent
+
     def __len__(self) -> int:
         if self.frame_paths is not None:
             return len(self.frame_paths)
         if self._n_frames is None:
+            if self.video_path is None:
+                raise DataError(f"clip {self.name} has neither frames nor a video")
             self._n_frames = count_video_frames(self.video_path)
         return self._n_frames
 
@@ -344,6 +355,7 @@ class TestClip(Clip):
         return self._mask_from_folder(i)
 
     def _mask_from_npy(self, i: int) -> np.ndarray:
+        assert self.mask_source is not None  # mask() checked it
         if self._mask_array is None:
             try:
                 arr = np.load(self.mask_source, mmap_mode='r')
@@ -357,6 +369,7 @@ class TestClip(Clip):
         return (np.asarray(self._mask_array[i]) > 0).astype(np.uint8)
 
     def _mask_from_folder(self, i: int) -> np.ndarray:
+        assert self.mask_source is not None and self.frame_paths is not None  # a ped2 test clip: frames
         if self._frame_hw is None:
             self._frame_hw = _image_hw(self.frame_paths[0])
         stem = self.frame_paths[i].stem
@@ -488,6 +501,7 @@ class VideoDataset:
         clips = []
         for name, frames in found:
             labels = _load_labels(labels_dir / f'{name}.npy', name, len(frames))
+            mask_source: Path | None
             if self.layout == 'ped2':
                 mask_source = masks_dir / name
                 mask_source = mask_source if mask_source.is_dir() else None

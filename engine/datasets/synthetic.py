@@ -398,11 +398,14 @@ class VideoWriter:
 
     def __init__(self, path: Path, size: tuple[int, int], fps: float, gop: int | None = None):
         import av
+        from av.video.stream import VideoStream
         self.av = av
         self.container = av.open(str(path), 'w')
         rate = Fraction(fps).limit_denominator(1001)
         codec = _video_codec()
-        self.stream = self.container.add_stream(codec, rate=rate)
+        stream = self.container.add_stream(codec, rate=rate)
+        assert isinstance(stream, VideoStream)  # a video codec's stream
+        self.stream = stream
         self.stream.height, self.stream.width = size
         self.stream.pix_fmt = 'yuv420p'
         self.stream.codec_context.time_base = 1 / rate
@@ -552,6 +555,7 @@ def _events(clip: str, renderer: _ClipRenderer, anomalies: list[_Actor], n_frame
     """Frame range of each injected anomaly, from the same visibility rules as the masks."""
     events = []
     for actor in anomalies:
+        assert actor.anomaly is not None  # an injected anomaly has its kind
         frames = []
         for t in range(n_frames):
             if not (actor.on_path(t) and renderer.window[0] <= t < renderer.window[1]):

@@ -63,6 +63,7 @@ class NullBackbone(Backbone):
         self.weights_id = real.weights_id
         self.seed = seed
         self.__dict__["_real"] = real  # not a submodule: .to() and .eval() leave it alone
+        self._real: Backbone
         self._cache: dict[tuple, Features] = {}  # one frame's outputs, per input size
         self._batches: dict[tuple, Features] = {}  # ...expanded, per batch size
 
@@ -184,7 +185,7 @@ def bench_engine_overhead(bank_path: Path, source: str, frames: list[np.ndarray]
     k = min(len(ranked) - 1, max(1, round(OVERHEAD_ESCALATION * len(ranked))))
     tau = float((ranked[-k - 1] + ranked[-k]) / 2)
     expected = float(np.mean(ranked > tau))
-    bank.calibration = replace(bank.calibration, gate_tau=tau)
+    bank.calibration = replace(bank.calibrated(), gate_tau=tau)
     run_bank = bank.save(tmp / "overhead.bank")
     del probe, bank
 

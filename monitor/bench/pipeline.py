@@ -127,7 +127,7 @@ def engine_process(job: dict) -> dict:
         clips = [cut_video(video, tmp / f"c{n}_{i:02d}.mp4", start, per_camera) for i, start in enumerate(starts)]
         for rate, tau, expected in plans:
             tag = f"c{n}_r{round(rate * 1000)}"
-            bank.calibration = replace(bank.calibration, gate_tau=tau)
+            bank.calibration = replace(bank.calibrated(), gate_tau=tau)
             bank_path = bank.save(tmp / f"{tag}.bank")
             before = backbone_fps()
             thr = _one_run(clips, bank_path, False, tmp / f"{tag}_thr", str(device), job["threads"],

@@ -10,7 +10,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -124,7 +124,9 @@ def run_bench(device: str = "auto", backbone: str | None = None, quick: bool = F
                                    "gate_tau": tau, "video_escalation": expected})
             runs.append((n, m, starts, plans))
 
-        e2e_runs, yardsticks, memory = [], [], {}
+        e2e_runs: list[dict] = []
+        yardsticks: list[float] = []
+        memory: dict[str, Any] = {}
         for run in runs:
             say(f"end-to-end runs, {run[0]} camera(s): engine process")
             e2e = _in_engine_process({
@@ -270,7 +272,7 @@ def _fn_name(name: str) -> str:
 
 
 def _overhead_lines(o: dict, s: dict, add: Callable[[str], None]) -> None:
-    shapes = next(iter(o["null_backbone_shapes"].values()), {})
+    shapes: dict[str, list[int]] = next(iter(o["null_backbone_shapes"].values()), {})
     dims = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
     add(f"engine overhead: the engine path with a null backbone ({s['backbone']}'s outputs: {dims}; cached, "
         f"expanded), EngineWorker,")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ def bench_backbone(spade, frames, plan: Plan, device, max_batch: int) -> dict:
     # The plain baseline: fp32, eager, one pass per batch, as a straightforward implementation runs.
     plain = FeatureExtractor(build_backbone(c.backbone, c.weights), c.levels, str(device), "fp32",
                              split_passes=False)
-    out = {}
+    out: dict[str, Any] = {}
     for name, extractor in (("best", best), ("fp32", plain)):
         fps = {}
         for b in plan.batch_sizes:
@@ -80,7 +81,7 @@ def bench_gate(model, bank, frames, plan: Plan, device, max_batch: int, backbone
     dim = query.shape[1]
     real = bank.global_feats.float()
     gen = torch.Generator().manual_seed(0)
-    out = {"k": k, "batch": max_batch, "dim": dim, "sizes": {}}
+    out: dict[str, Any] = {"k": k, "batch": max_batch, "dim": dim, "sizes": {}}
 
     def scene_like(n: int) -> torch.Tensor:
         ref = torch.empty(n, dim, dtype=torch.float16)
@@ -107,7 +108,7 @@ def bench_gate(model, bank, frames, plan: Plan, device, max_batch: int, backbone
     out["coarse_gate_used"] = c.gate == "coarse"
     extra = coarse_s if c.gate == "coarse" else 0.0
     for n in plan.bank_sizes:
-        row = {}
+        row: dict[str, Any] = {}
         for kind, make in (("scene_like", scene_like), ("isotropic", isotropic)):
             ref = make(n)
             knn(query, ref, k)  # the first search is plain; the second builds the cached index

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import jinja2
@@ -132,6 +133,8 @@ class _Guard:
         try:
             user, sep, password = b64decode(encoded.strip(), validate=True).partition(b":")
         except ValueError:
+            return None
+        if self.auth is None:
             return None
         # Both compared, in constant time, whatever the first says.
         ok = hmac.compare_digest(user, self.auth[0]) & hmac.compare_digest(password, self.auth[1])
@@ -468,11 +471,12 @@ def create_app(store: FolderStore, *, cameras: dict[str, str] | None = None, fee
             return None
         ref = peak.get("frame_ref") or peak.get("overlay_ref")
         path = store.media_path(ref)
-        evidence = peak.get("evidence") if isinstance(peak.get("evidence"), dict) else {}
-        frame = {"url": media_url(ref) if path else None, "size": _file_jpeg_size(path) if path else None,
+        stored = peak.get("evidence")
+        evidence: dict = stored if isinstance(stored, dict) else {}
+        frame: dict[str, Any] = {"url": media_url(ref) if path else None, "size": _file_jpeg_size(path) if path else None,
                  "box": _box(evidence.get("box"))}
         scene = peak.get("scene") or event["scene"]
-        reference = None
+        reference: dict[str, Any] | None = None
         if evidence and isinstance(evidence.get("ref_index"), int) and is_safe_name(scene):
             size = references.size(scene, evidence["ref_index"])
             if size is not None:
@@ -515,7 +519,10 @@ def create_app(store: FolderStore, *, cameras: dict[str, str] | None = None, fee
         event = store.event(event_id)
         if event is None:
             raise ConsoleError(404, f"no event {event_id!r}")
-        seq_text = (form.get("seq") or "").strip()
+        seq_field = form.get("seq") or ""
+        if not isinstance(seq_field, str):
+            raise ConsoleError(400, "bad seq: a frame number, not a file")
+        seq_text = seq_field.strip()
         if seq_text:
             if not seq_text.isdigit():
                 raise ConsoleError(400, f"bad frame number {seq_text!r}")

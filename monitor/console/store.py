@@ -496,7 +496,8 @@ class FolderStore:
     def tiles(self, now: float | None = None) -> list[dict]:
         now = self.clock() if now is None else now
         with self._lock:
-            return [self.tile(camera, now) for camera in sorted(self._cameras)]
+            tiles = (self.tile(camera, now) for camera in sorted(self._cameras))
+            return [tile for tile in tiles if tile is not None]  # all are: the lock holds the cameras
 
     def event(self, event_id: str) -> dict | None:
         with self._lock:
