@@ -43,11 +43,12 @@ import redis
 
 from engine.errors import ConfigError, SpadeError
 
-from .bus import BusClosed, InProcessBus, RedisFrameBus
+from .bus import BusClosed, InProcessBus
 from .config import MonitorConfig, camera_ids
 from .ingest import OFFLINE, IngestWorker
 from .ownership import CameraLeases
 from .publish import DirectoryPublisher, MultiPublisher, PublishError, RedisPublisher, StatusFile
+from .redis_bus import RedisFrameBus
 from .retry import Backoff
 from .telemetry import Health, IngestMetrics, mark_process_dead, multiprocess_registry, serve
 from .urls import scrub

@@ -22,10 +22,10 @@ from conftest import RedisServer  # noqa: E402 - the tests' real redis-server on
 
 from engine.datasets import iter_video_frames  # noqa: E402
 from engine.datasets.synthetic import make_scene  # noqa: E402
-from monitor.bus import RedisFrameBus  # noqa: E402
 from monitor.config import BusConfig, RedisConfig  # noqa: E402
 from monitor.frames import Frame  # noqa: E402
 from monitor.publish import RedisPublisher, encode_overlay  # noqa: E402
+from monitor.redis_bus import RedisFrameBus  # noqa: E402
 from monitor.results import FrameResult  # noqa: E402
 
 

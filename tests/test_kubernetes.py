@@ -582,8 +582,8 @@ def test_prometheus_config_passes_promtool(rendered, tmp_path):
 
 def test_keda_scaledobject(rendered, monkeypatch):
     """No schema ships for this CRD (checked below), so its fields are checked by hand."""
-    from monitor.bus import STREAM_PREFIX
     from monitor.config import camera_ids
+    from monitor.redis_bus import STREAM_PREFIX
 
     (scaled,) = render(KEDA)
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):
@@ -618,7 +618,7 @@ def test_keda_scaledobject(rendered, monkeypatch):
             target_len = int(meta["streamLength"])
             camera_id = meta["stream"].removeprefix(STREAM_PREFIX)
             assert meta["stream"].startswith(STREAM_PREFIX) and camera_id in camera_ids(config), \
-                f"{meta['stream']}: not the stream of an enabled camera ({STREAM_PREFIX}<camera id>, monitor/bus.py)"
+                f"{meta['stream']}: not the stream of an enabled camera ({STREAM_PREFIX}<camera id>, monitor/redis_bus.py)"
             camera = config.cameras[camera_id]
             ceiling = min(config.bus.max_len, (camera.fps or 1e9) * config.bus.max_age_s)
             assert 0 < target_len < ceiling, f"{meta['stream']}: streamLength {target_len} >= {ceiling}"
@@ -634,8 +634,8 @@ def test_stream_length_is_the_backlog_and_pending_entries_are_not(redis_server):
     import numpy as np
     import redis
 
-    from monitor.bus import RedisFrameBus
     from monitor.frames import Frame
+    from monitor.redis_bus import RedisFrameBus
 
     producer = RedisFrameBus(redis_server.url, max_len=1000, cameras=["cam"])
     engine = RedisFrameBus(redis_server.url, consumer="engine-1", cameras=["cam"])

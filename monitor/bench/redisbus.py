@@ -97,8 +97,8 @@ def _server_cpu(url: str) -> float:
 def _producer(url: str, cameras: list[str], images: list[np.ndarray], count: int, max_len: int, max_age_s: float,
               quality: int, ready, go, results) -> None:
     """One ingest-side process: `count` live puts over its cameras, in turn, as fast as it can."""
-    from monitor.bus import RedisFrameBus
     from monitor.frames import Frame, encode_frame
+    from monitor.redis_bus import RedisFrameBus
 
     bus = RedisFrameBus(url, max_len=max_len, max_age_s=max_age_s, jpeg_quality=quality)
     run_id = uuid.uuid4().hex
@@ -132,8 +132,8 @@ def _images(frames: list[np.ndarray]) -> list[np.ndarray]:
 
 def _components(url: str, images: list[np.ndarray], max_len: int, quality: int) -> dict:
     """One frame at a time, nothing else running: codec and Redis round trips, ms per frame."""
-    from monitor.bus import RedisFrameBus
     from monitor.frames import Frame, decode_frame, encode_frame
+    from monitor.redis_bus import RedisFrameBus
 
     frames = [Frame("components", i, i / 10.0, time.time(), images[i % len(images)], run_id="c")
               for i in range(COMPONENT_FRAMES)]
@@ -174,8 +174,8 @@ def _components(url: str, images: list[np.ndarray], max_len: int, quality: int) 
 
 def bench_redis_bus(frames: list[np.ndarray], plan: Plan, tmp: Path) -> dict:
     """frames/s through RedisFrameBus (see the module docstring); frames_per_s is None without redis-server."""
-    from ..bus import RedisFrameBus
     from ..config import BusConfig
+    from ..redis_bus import RedisFrameBus
 
     defaults = BusConfig()
     max_len, max_age_s, quality = defaults.max_len, defaults.max_age_s, defaults.jpeg_quality

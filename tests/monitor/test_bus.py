@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import redis
 
-from monitor.bus import ENGINE_BEHIND, REDIS_DOWN, BusMessage, InProcessBus, RedisFrameBus, make_bus
+from monitor.bus import ENGINE_BEHIND, REDIS_DOWN, BusMessage, InProcessBus, make_bus
 from monitor.frames import Frame, encode_frame
+from monitor.redis_bus import RedisFrameBus
 from monitor.urls import redact_url
 
 H, W = 24, 32
@@ -421,7 +422,7 @@ def test_redis_restart_is_survived(redis_server, caplog):
 
     redis_server.stop()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="monitor.bus"):
+    with caplog.at_level(logging.INFO, logger="monitor.redis_bus"):
         t0 = time.monotonic()
         producer.put(make_frame("a", 1), live=True)
         assert time.monotonic() - t0 < 2.0
@@ -458,7 +459,7 @@ def test_outage_warning_never_shows_the_password(caplog):
     url = f"redis://user:s3cret@127.0.0.1:{free_port()}/0?password=s3cret"
     assert "s3cret" not in redact_url(url)
     bus = RedisFrameBus(url, cameras=["a"], codec="raw")
-    with caplog.at_level(logging.WARNING, logger="monitor.bus"):
+    with caplog.at_level(logging.WARNING, logger="monitor.redis_bus"):
         bus.put(make_frame("a", 0), live=True)
     assert bus.stats.dropped == {"a": 1}
     assert caplog.records and all("s3cret" not in r.getMessage() for r in caplog.records)
