@@ -166,7 +166,7 @@ def _service_config(args):
 
 
 def cmd_run(args) -> int:
-    from .runner import run_service
+    from .supervisor import run_service
 
     config = _service_config(args)
     return run_service(config, log_json=args.log_json or config.logging.json)

@@ -341,7 +341,7 @@ def test_metrics_listen_beyond_loopback(rendered, monkeypatch):
 
 
 def test_engine_is_given_time_to_drain_and_every_container_has_resources(rendered):
-    from monitor.runner import ENGINE_STOP_S
+    from monitor.supervisor import ENGINE_STOP_S
 
     for objects in rendered.values():
         engine = _get(objects, "Deployment", "engine")

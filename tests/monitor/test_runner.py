@@ -7,7 +7,8 @@ import pytest
 from engine.errors import ConfigError
 from monitor.config import parse_config
 from monitor.publish import DirectoryPublisher, PublishError
-from monitor.runner import StatusRelay, _exit_text, build_publisher, select_cameras
+from monitor.runner import StatusRelay, build_publisher, select_cameras
+from monitor.supervisor import _exit_text
 
 
 def _config(tmp_path, **sections):
