@@ -191,7 +191,8 @@ def _csp_complaints(driver) -> list[str]:
 def test_console_in_a_browser_updates_live_and_records_a_review(tmp_path, browser):
     from selenium.webdriver.common.by import By
 
-    from monitor.console.app import create_app, start_in_thread
+    from monitor.console.app import create_app
+    from monitor.console.service import start_in_thread
     from monitor.console.store import FolderStore
 
     folder = OutputFolder(tmp_path / "out")

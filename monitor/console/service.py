@@ -4,11 +4,14 @@ environment). `spade-monitor console` serves it in the foreground; `run` in a th
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from engine.errors import ConfigError
 
 from ..feedback import BankFeedback
-from .app import console_auth_from_env, create_app, serve, start_in_thread
+from .app import create_app
+from .security import console_auth_from_env
 from .store import FolderStore
 
 log = logging.getLogger(__name__)
@@ -47,3 +50,38 @@ class RunningConsole:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def _server(app, host: str, port: int):
+    import uvicorn
+
+    class ConsoleServer(uvicorn.Server):
+        async def shutdown(self, *args, **kwargs):
+            closing = getattr(getattr(app, "state", None), "closing", None)
+            if closing is not None:
+                closing.set()  # live streams end themselves, so connections close cleanly
+            await super().shutdown(*args, **kwargs)
+
+    # A short graceful shutdown all the same: a stream stuck elsewhere is cancelled after it.
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=3, lifespan="on")
+    return ConsoleServer(config)
+
+
+def serve(app, host: str, port: int) -> None:
+    """Serve in the foreground until interrupted."""
+    _server(app, host, port).run()
+
+
+def start_in_thread(app, host: str, port: int, timeout_s: float = 10.0):
+    """Serve from a daemon thread; returns (server, thread). Stop: server.should_exit = True; thread.join()."""
+    server = _server(app, host, port)
+    thread = threading.Thread(target=server.run, name="console-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise ConfigError(f"console could not start on {host}:{port} (is the port in use?)")
+        time.sleep(0.02)
+    return server, thread

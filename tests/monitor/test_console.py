@@ -16,8 +16,11 @@ from fastapi.testclient import TestClient
 from test_console_browser import FakeFeedback, OutputFolder, jpeg_bytes
 
 from engine.errors import ConfigError
-from monitor.console.app import console_auth_from_env, create_app, jpeg_size, start_in_thread
+from monitor.console.app import create_app
+from monitor.console.security import console_auth_from_env
+from monitor.console.service import start_in_thread
 from monitor.console.store import FolderStore
+from monitor.console.views import jpeg_size
 
 
 @pytest.fixture
