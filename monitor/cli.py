@@ -238,13 +238,16 @@ _CONFIG_HELP = "service YAML file (see configs/example.yaml)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.names import PRECISIONS
-
     parser = argparse.ArgumentParser(prog="spade-monitor", description=__doc__)
     parser.add_argument("--log-json", action="store_true", help="log as JSON lines")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add_commands in (_evaluate_commands, _reference_commands, _replay_command, _service_commands, _tool_commands):
+        add_commands(sub)
+    return parser
 
+
+def _evaluate_commands(sub) -> None:
     ev = sub.add_parser("evaluate", help="accuracy on MVTec-AD-layout or video anomaly datasets")
     ev_sub = ev.add_subparsers(dest="kind", required=True)
     mv = ev_sub.add_parser("mvtec", help="image ROCAUC, pixel ROCAUC and PRO per category")
@@ -264,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pictures", type=Path, help="write overlays and timelines into this folder")
         p.set_defaults(func=cmd_evaluate)
 
+
+def _reference_commands(sub) -> None:
     ref = sub.add_parser("reference", help="build and manage per-scene reference banks")
     ref_sub = ref.add_subparsers(dest="action", required=True)
     b = ref_sub.add_parser("build", help="build and calibrate a bank from normal frames")
@@ -293,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("version", type=int, help="the version to bring back (see 'reference history')")
     rv.set_defaults(func=cmd_reference_revert)
 
+
+def _replay_command(sub) -> None:
+    from engine.names import PRECISIONS
+
     rp = sub.add_parser("replay", help="one video through the whole pipeline, no Redis: results, events, "
                                        "overlays and a score timeline in a folder")
     rp.add_argument("video", type=Path, help="video file to replay (mp4, avi, ...)")
@@ -308,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--overwrite", action="store_true", help="replace the results of an earlier replay in --out")
     rp.set_defaults(func=cmd_replay)
 
+
+def _service_commands(sub) -> None:
     rn = sub.add_parser("run", help="the monitor: ingest workers and the engine, supervised")
     rn.add_argument("--config", required=True, type=Path, help=_CONFIG_HELP)
     rn.set_defaults(func=cmd_run)
@@ -329,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--port", type=_port, help="instead of console.port")
     co.set_defaults(func=cmd_console)
 
+
+def _tool_commands(sub) -> None:
     bn = sub.add_parser("bench", help="throughput, latency and memory on this machine, from a synthetic scene")
     bn.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     bn.add_argument("--backbone", help="instead of the camera preset's (efficientnet_lite0)")
@@ -341,8 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, type=Path, help="folder to write the scene into, e.g. runs/demo")
     d.add_argument("--seed", type=int, default=0, help="random seed of the scene (default: 0)")
     d.set_defaults(func=cmd_demo_scene)
-    return parser
-
 
 def _setup_logging(as_json: bool) -> None:
     from .runner import setup_logging
