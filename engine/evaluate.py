@@ -15,6 +15,7 @@ from .calibrate import calibrate
 from .datasets import VideoDataset, find_mvtec_categories, read_image
 from .datasets.readers import VideoLayout
 from .decision import FrameScorer, Thresholds
+from .errors import DataError
 from .progress import Progress
 from .spade import Spade, SpadeConfig
 
@@ -50,8 +51,6 @@ def evaluate_mvtec(root: str | Path, config: SpadeConfig, category: str | None =
     if category is not None:
         cats = [c for c in cats if c.name == category]
         if not cats:
-            from .errors import DataError
-
             raise DataError(f"category '{category}' not found under {root}")
     spade = Spade(config)
     rows = {}
@@ -188,11 +187,7 @@ def evaluate_video(root: str | Path, config: SpadeConfig, layout: VideoLayout | 
         if not test_clips:
             continue
         t0 = time.perf_counter()
-        train = data.train_clips(scene)
-        sources = [str(c.source) for c in train]
-        pairs = ((i, f) for i, clip in enumerate(train) for f in clip.frames())
-        bank = spade.build_bank(pairs, sources, total=sum(len(c) for c in train), progress=progress)
-        calibrate(bank, config, progress=progress)
+        bank = _scene_bank(spade, data.train_clips(scene), progress)
         thresholds = Thresholds.of_bank(bank, config.image_score)
         build_seconds += time.perf_counter() - t0
         preprocess = spade.bank_preprocess(bank)
@@ -222,29 +217,19 @@ def evaluate_video(root: str | Path, config: SpadeConfig, layout: VideoLayout | 
             name = f"{scene}/{clip.name}"
             matched[name] = (labels, res.matched, res.matched_flags)
             deployed[name] = (labels, res.deployed, res.deployed_flags)
-            clip_rows[name] = {
-                "frames": int(len(labels)), "anomalous": int(labels.sum()),
-                "frame_rocauc": accuracy.rocauc(labels, res.matched),
-                "frame_rocauc_as_deployed": accuracy.rocauc(labels, res.deployed),
-                "escalated": int(res.escalated.sum()),
-                "recall_at_tau": float(res.deployed_flags[labels > 0].mean()) if labels.any() else float("nan"),
-                "false_alarm_rate_at_tau": float(res.deployed_flags[labels == 0].mean()) if (labels == 0).any() else float("nan"),
-            }
-            r = clip_rows[name]
+            r = clip_rows[name] = _clip_row(labels, res)
             log(f"{name}: {len(labels)} frames, frame ROCAUC {r['frame_rocauc']:.3f} "
                 f"(as deployed {r['frame_rocauc_as_deployed']:.3f})")
             if pictures:
-                out = Path(pictures) / _safe(scene)
                 from .visualize import save_score_timeline
 
+                out = Path(pictures) / _safe(scene)
                 save_score_timeline(out / f"timeline_{_safe(clip.name)}.png", res.deployed, labels=labels,
                                     threshold=thresholds.tau, title=f"{scene} / {clip.name} (as deployed)")
                 _write_cases(out / _safe(clip.name), kept_frames, np.stack(clip_maps), np.stack(clip_masks), labels,
                              res.matched, [f"{i:04d}" for i in range(len(labels))], thresholds.theta)
         bar.close()
     if not clip_rows:
-        from .errors import DataError
-
         raise DataError(f"no test clip of {root} matches --clips {','.join(clips or [])}")
     every = frame_figures(matched)
     as_deployed = frame_figures(deployed)
@@ -264,6 +249,31 @@ def evaluate_video(root: str | Path, config: SpadeConfig, layout: VideoLayout | 
                        "bank_build_seconds": build_seconds, "test_frames": frames_scored},
         "peak_memory_mb": peak_memory_mb(),
     }
+    return Report(payload, _video_table(clip_rows, every, as_deployed, payload["pixel_rocauc"], thresholds.tau))
+
+
+def _scene_bank(spade: Spade, train: list, progress: bool):
+    """The scene's calibrated bank from its training clips."""
+    pairs = ((i, f) for i, clip in enumerate(train) for f in clip.frames())
+    bank = spade.build_bank(pairs, [str(c.source) for c in train], total=sum(len(c) for c in train),
+                            progress=progress)
+    calibrate(bank, spade.config, progress=progress)
+    return bank
+
+
+def _clip_row(labels: np.ndarray, res) -> dict:
+    """One test clip's figures, with every frame matched and as deployed."""
+    return {
+        "frames": int(len(labels)), "anomalous": int(labels.sum()),
+        "frame_rocauc": accuracy.rocauc(labels, res.matched),
+        "frame_rocauc_as_deployed": accuracy.rocauc(labels, res.deployed),
+        "escalated": int(res.escalated.sum()),
+        "recall_at_tau": float(res.deployed_flags[labels > 0].mean()) if labels.any() else float("nan"),
+        "false_alarm_rate_at_tau": float(res.deployed_flags[labels == 0].mean()) if (labels == 0).any() else float("nan"),
+    }
+
+
+def _video_table(clip_rows: dict, every: dict, as_deployed: dict, pixel_rocauc: float, tau: float) -> str:
     n_frames = sum(r["frames"] for r in clip_rows.values())
     n_anom = sum(r["anomalous"] for r in clip_rows.values())
     table = _table(["clip", "frames", "anomalous", "frame ROCAUC", "as deployed", "recall@tau", "false alarms@tau"],
@@ -273,13 +283,12 @@ def evaluate_video(root: str | Path, config: SpadeConfig, layout: VideoLayout | 
                         as_deployed["operating_point"]["recall"], as_deployed["operating_point"]["false_alarm_rate"]],
                       ["macro (per clip)", "", "", every["frame_rocauc_macro"], as_deployed["frame_rocauc_macro"], "", ""],
                       ["worst clip", "", "", every["frame_rocauc_worst_clip"], as_deployed["frame_rocauc_worst_clip"], "", ""],
-                      ["pixel ROCAUC", "", "", payload["pixel_rocauc"], "", "", ""]])
+                      ["pixel ROCAUC", "", "", pixel_rocauc, "", "", ""]])
     op = as_deployed["operating_point"]
-    table += (f"\nas deployed at tau {thresholds.tau:.4g}: {op['recall']:.1%} of anomalous frames flagged, "
-              f"{op['false_alarm_rate']:.1%} of normal frames; {op['stretches_flagged']}/{op['stretches_total']} "
-              f"anomalous stretches flagged, median {op['median_frames_to_flag']} frames after their start; "
-              f"{as_deployed['escalated_fraction']:.0%} of frames escalated")
-    return Report(payload, table)
+    return table + (f"\nas deployed at tau {tau:.4g}: {op['recall']:.1%} of anomalous frames flagged, "
+                    f"{op['false_alarm_rate']:.1%} of normal frames; {op['stretches_flagged']}/{op['stretches_total']} "
+                    f"anomalous stretches flagged, median {op['median_frames_to_flag']} frames after their start; "
+                    f"{as_deployed['escalated_fraction']:.0%} of frames escalated")
 
 
 # -- pictures and tables ------------------------------------------------------------------------
