@@ -85,13 +85,14 @@ class BankFeedback:
             before = raw_scores(model, bank, frames)
             new = add_normal_frames(model, bank, frames)
             after = raw_scores(model, new, frames)
+            # Before the commit: a bank never calibrated is refused with its one line, unchanged.
+            tau_before, tau_after = bank.calibrated().tau, new.calibrated().tau
             history = BankHistory(path)
             version_before = history.current()
             seqs = [int(r["seq"]) for r in usable]
             version = history.commit(new, "not_anomaly", user, {
                 "event_id": event.get("event_id"), "camera": usable[0].get("camera"), "seqs": seqs,
                 "added": len(frames), "before": before, "after": after})
-        tau_before, tau_after = bank.calibrated().tau, new.calibrated().tau
         log.info("scene %s: %d frame(s) of %s marked normal by %s: bank v%d -> v%d", scene, len(frames),
                  event.get("event_id") or "a frame", user or "-", version_before, version)
         return {"scene": scene, "version_before": version_before, "version_after": version,

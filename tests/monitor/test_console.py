@@ -264,6 +264,11 @@ def test_feedback_failure_is_one_line_without_traceback(folder):
     assert "Traceback" not in response.text
     assert store.event(event_id)["review"] == "unreviewed"  # nothing recorded
 
+    # A file where the frame number belongs: refused in one line, not a crash.
+    upload = client.post(f"/events/{event_id}/feedback", data={"label": "confirmed", "csrf_token": token},
+                         files={"seq": ("seq.txt", b"25")})
+    assert upload.status_code == 400 and "not a file" in upload.text
+
     client, _ = _client(folder, feedback=FakeFeedback(RuntimeError("boom at /secret/path")))
     token = _csrf(client, f"/events/{event_id}")
     response = client.post(f"/events/{event_id}/feedback", data={"label": "not_anomaly", "csrf_token": token})

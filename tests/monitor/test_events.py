@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from monitor.events import EventTracker
+from monitor.events import Event, EventTracker
 from monitor.results import FrameResult
 
 RUN = "0123456789abcdef"
@@ -125,3 +125,10 @@ def test_cameras_are_independent_and_new_run_closes_old_event():
     assert [(e.kind, e.event_id) for e in events] == [("end", f"a-{RUN[:8]}-0")]
     # A late re-delivery from the replaced run is ignored.
     assert tracker.update(result(5, True, camera="a"), None) == []
+
+
+def test_record_round_trips_and_an_unknown_kind_is_malformed():
+    event = feed(EventTracker(), "xxx")[0]
+    assert Event.from_record(event.to_fields()) == event
+    with pytest.raises(ValueError, match="unknown event kind"):  # not an open event for the next engine to take over
+        Event.from_record({**event.to_fields(), "kind": "bogus"})
