@@ -152,19 +152,57 @@ def _profile_summary(prof: cProfile.Profile, frames: int) -> dict:
     return {"frames": frames, "profiled_ms_per_frame": 1000 * total / frames, "top_own": own, "top_cumulative_project": cum}
 
 
+def _bank_at_escalation(bank_path: Path, frames: list[np.ndarray], timed_idx: np.ndarray, device, batch: int,
+                        tmp: Path) -> tuple[Path, float, float]:
+    """The bank with gate_tau set so that OVERHEAD_ESCALATION of the timed frames escalate:
+    (its file, gate_tau, the escalation it gives on those frames)."""
+    from engine.bank import ReferenceBank
+    from engine.spade import Spade
+
+    from .sections import gate_scores
+
+    # Gate scores with the null backbone: clip frame j after frame j-1 (the loop wraps), computed
+    # on the clip played twice as one stream, the second pass kept.
+    clip = len(frames)
+    bank = ReferenceBank.load(bank_path)
+    probe = Spade.for_bank(bank, device=str(device), batch_size=batch, precision=None)
+    probe.extractor.backbone = NullBackbone(probe.extractor.backbone)
+    scores = gate_scores(probe, bank.to(device), frames + frames, batch)[clip:]
+    ranked = np.sort(scores[timed_idx])
+    k = min(len(ranked) - 1, max(1, round(OVERHEAD_ESCALATION * len(ranked))))
+    tau = float((ranked[-k - 1] + ranked[-k]) / 2)
+    bank.calibration = replace(bank.calibrated(), gate_tau=tau)
+    return bank.save(tmp / "overhead.bank"), tau, float(np.mean(ranked > tau))
+
+
+def _figures(before: dict, after: dict, seconds: float) -> dict:
+    """Per frame and per batch, from the worker's stats before and after the timed frames."""
+    frames_done = after["frames"] - before["frames"]
+    batches = after["batches"] - before["batches"]
+    stage = {key: 1000.0 * (v - before["stage"].get(key, 0.0)) / max(1, frames_done)
+             for key, v in after["stage"].items()}
+    ms = 1000.0 * seconds / max(1, frames_done)
+    return {
+        "ms_per_frame": ms, "frames": frames_done, "seconds": seconds,
+        "batches": batches, "mean_batch_frames": frames_done / max(1, batches),
+        "mean_batch_ms": 1000.0 * seconds / max(1, batches),
+        "escalated": (after["escalated"] - before["escalated"]) / max(1, frames_done),
+        "flagged": (after["flagged"] - before["flagged"]) / max(1, frames_done),
+        "failed": after["failed"] - before["failed"],
+        "stage_ms_per_frame": stage,
+        "unaccounted_ms_per_frame": ms - stage.get("batch", 0.0),
+    }
+
+
 def bench_engine_overhead(bank_path: Path, source: str, frames: list[np.ndarray], plan: Plan, device,
                           threads: int, tmp: Path) -> dict:
     """ms per frame of the engine with a null backbone (see the module docstring)."""
     import torch
 
-    from engine.bank import ReferenceBank
-    from engine.spade import Spade
-
     from ..bus import InProcessBus
     from ..frames import Frame
     from ..runner import build_publisher
     from ..worker import EngineWorker
-    from .sections import gate_scores
 
     n_cams, batch = OVERHEAD_CAMERAS, OVERHEAD_MAX_BATCH
     clip = len(frames)
@@ -173,21 +211,9 @@ def bench_engine_overhead(bank_path: Path, source: str, frames: list[np.ndarray]
     starts = [round(i * clip / n_cams) % clip for i in range(n_cams)]
     cameras = [f"ovh{i:02d}" for i in range(n_cams)]
 
-    # Gate scores with the null backbone: clip frame j after frame j-1 (the loop wraps), computed
-    # on the clip played twice as one stream, the second pass kept.
-    bank = ReferenceBank.load(bank_path)
-    probe = Spade.for_bank(bank, device=str(device), batch_size=batch, precision=None)
-    probe.extractor.backbone = NullBackbone(probe.extractor.backbone)
-    scores = gate_scores(probe, bank.to(device), frames + frames, batch)[clip:]
     first_timed = per_cam["warm"]
     timed_idx = np.array([(s + t) % clip for s in starts for t in range(first_timed, first_timed + per_cam["timed"])])
-    ranked = np.sort(scores[timed_idx])
-    k = min(len(ranked) - 1, max(1, round(OVERHEAD_ESCALATION * len(ranked))))
-    tau = float((ranked[-k - 1] + ranked[-k]) / 2)
-    expected = float(np.mean(ranked > tau))
-    bank.calibration = replace(bank.calibrated(), gate_tau=tau)
-    run_bank = bank.save(tmp / "overhead.bank")
-    del probe, bank
+    run_bank, tau, expected = _bank_at_escalation(bank_path, frames, timed_idx, device, batch, tmp)
 
     out_dir = tmp / "overhead_out"
     config = _config(run_bank, cameras, source, out_dir, str(device), threads)
@@ -226,28 +252,15 @@ def bench_engine_overhead(bank_path: Path, source: str, frames: list[np.ndarray]
         n = put_segment("timed")
         before = _snapshot(worker.stats)
         seconds = run_segment(n)
-        after = _snapshot(worker.stats)
-        frames_done = after["frames"] - before["frames"]
-        batches = after["batches"] - before["batches"]
-        stage = {key: 1000.0 * (v - before["stage"].get(key, 0.0)) / max(1, frames_done)
-                 for key, v in after["stage"].items()}
-        ms = 1000.0 * seconds / max(1, frames_done)
         result = {
-            "ms_per_frame": ms, "target_ms_per_frame": TARGETS["engine_overhead_ms_per_frame"],
-            "frames": frames_done, "cameras": n_cams, "max_batch": batch, "seconds": seconds,
-            "batches": batches, "mean_batch_frames": frames_done / max(1, batches),
-            "mean_batch_ms": 1000.0 * seconds / max(1, batches),
+            **_figures(before, _snapshot(worker.stats), seconds),
+            "target_ms_per_frame": TARGETS["engine_overhead_ms_per_frame"], "cameras": n_cams, "max_batch": batch,
             "escalation_target": OVERHEAD_ESCALATION, "gate_tau": tau, "expected_escalation": expected,
-            "escalated": (after["escalated"] - before["escalated"]) / max(1, frames_done),
-            "flagged": (after["flagged"] - before["flagged"]) / max(1, frames_done),
-            "failed": after["failed"] - before["failed"],
-            "stage_ms_per_frame": stage,
-            "unaccounted_ms_per_frame": ms - stage.get("batch", 0.0),
             "input_size": list(worker.scenes["bench"].bank.input_size),
             "null_backbone_shapes": null.shapes(),
             "profile": None,
         }
-        if ms > TARGETS["engine_overhead_ms_per_frame"] and per_cam["profile"] > 0:
+        if result["ms_per_frame"] > TARGETS["engine_overhead_ms_per_frame"] and per_cam["profile"] > 0:
             n = put_segment("profile")
             prof = cProfile.Profile()
             prof.enable()

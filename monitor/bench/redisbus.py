@@ -172,6 +172,27 @@ def _components(url: str, images: list[np.ndarray], max_len: int, quality: int) 
             "get_ack_ms": 1000 * get_s, "get_ack_redis_ms": 1000 * max(0.0, get_s - dec)}
 
 
+def _consume(bus, results, procs: list, t0: float) -> tuple[int, int, list[dict], float]:
+    """Take and ack batches until every producer reported and the bus is empty:
+    (frames taken, of them corrupt, the producers' reports, when the last frame came)."""
+    got, corrupt, done, t_last = 0, 0, [], t0
+    while True:
+        msgs = bus.get_batch(BUS_BATCH, 0.05)
+        if msgs:
+            corrupt += sum(m.frame is None for m in msgs)
+            bus.ack([m.id for m in msgs])
+            got += len(msgs)
+            t_last = time.perf_counter()
+            continue
+        while not results.empty():
+            done.append(results.get())
+        if len(done) == len(procs) and bus.pending() == 0:
+            return got, corrupt, done, t_last
+        if time.perf_counter() - t0 > RUN_LIMIT_S or (not all(p.is_alive() for p in procs)
+                                                       and len(done) < len(procs) and results.empty()):
+            raise RuntimeError(f"Redis bus bench: producers stalled ({len(done)}/{len(procs)} done, {got} got)")
+
+
 def bench_redis_bus(frames: list[np.ndarray], plan: Plan, tmp: Path) -> dict:
     """frames/s through RedisFrameBus (see the module docstring); frames_per_s is None without redis-server."""
     from ..config import BusConfig
@@ -207,22 +228,7 @@ def bench_redis_bus(frames: list[np.ndarray], plan: Plan, tmp: Path) -> dict:
             server_cpu0, cpu0 = _server_cpu(url), time.process_time()
             t0 = time.perf_counter()
             go.set()
-            got, corrupt, done, t_last = 0, 0, [], t0
-            while True:
-                msgs = bus.get_batch(BUS_BATCH, 0.05)
-                if msgs:
-                    corrupt += sum(m.frame is None for m in msgs)
-                    bus.ack([m.id for m in msgs])
-                    got += len(msgs)
-                    t_last = time.perf_counter()
-                    continue
-                while not results.empty():
-                    done.append(results.get())
-                if len(done) == n_prod and bus.pending() == 0:
-                    break
-                if time.perf_counter() - t0 > RUN_LIMIT_S or (not all(p.is_alive() for p in procs)
-                                                               and len(done) < n_prod and results.empty()):
-                    raise RuntimeError(f"Redis bus bench: producers stalled ({len(done)}/{n_prod} done, {got} got)")
+            got, corrupt, done, t_last = _consume(bus, results, procs, t0)
             consumer_cpu, server_cpu = time.process_time() - cpu0, _server_cpu(url) - server_cpu0
         finally:
             go.set()

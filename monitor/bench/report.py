@@ -43,9 +43,7 @@ def run_bench(device: str = "auto", backbone: str | None = None, quick: bool = F
     import torch
 
     from engine.bank import ReferenceBank
-    from engine.datasets.synthetic import make_scene
     from engine.errors import ConfigError
-    from engine.reference import build_reference
     from engine.spade import Spade, preset
 
     from ..config import EngineConfig
@@ -64,15 +62,8 @@ def run_bench(device: str = "auto", backbone: str | None = None, quick: bool = F
 
     with tempfile.TemporaryDirectory(prefix="spade-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        say(f"synthetic scene {plan.size[0]}x{plan.size[1]}")
-        scene = make_scene(tmp / "scene", seed=0, size=plan.size, n_train_clips=plan.train_clips,
-                           train_len=plan.train_len, n_test_clips=1, test_len=plan.test_len, fps=SCENE_FPS)
         spade = Spade(preset("camera", backbone=backbone, device=str(dev), batch_size=max_batch))
-        say("reference bank (camera preset, calibrated)")
-        t0 = time.perf_counter()
-        bank = build_reference(spade, [scene.root / "training" / "frames"], "bench", progress=False, fps=scene.fps)
-        bank_path = bank.save(tmp / "bench.bank")
-        bank_build_s = time.perf_counter() - t0
+        scene, bank_path, bank_build_s = _scene_and_bank(tmp, plan, spade, say)
         bank = ReferenceBank.load(bank_path)
         video = encode_video(decode_video(scene.test_videos[0]), tmp / "bench.mp4", scene.fps)
         frames = decode_video(video)  # exactly what an ingest worker hands the engine
@@ -98,75 +89,20 @@ def run_bench(device: str = "auto", backbone: str | None = None, quick: bool = F
         k10 = report["pixel_matching"]["K"].get("10")
         report["pixel_matching_speedup"] = k10["speedup"] if k10 else None
 
-        # Camera i replays frames [start_i, start_i + M) of the clip, the starts spread over it.
-        # Their gate scores are the whole clip's (temporal features are causal), except the first
-        # frame of each, which has no predecessor: it is scored on its own. gate_tau lies halfway
-        # between the k-th and (k+1)-th highest scores of all the frames a run replays,
-        # k = rate x frames (at least 1).
-        keys = keyframes(video)
-        runs, escalation = [], []
-        for n in plan.cameras:
-            m = plan.frames_per_camera(n)
-            starts = camera_starts(keys, len(frames), n, m)
-            pooled = []
-            for start in starts:
-                first = gate_scores(model, bank.to(dev), [frames[start]], 1)
-                pooled.append(np.concatenate([first, scores[start + 1 : start + m]]))
-            ranked = np.sort(np.concatenate(pooled))
-            total = len(ranked)
-            plans = []
-            for rate in plan.rates:
-                k = min(total - 1, max(1, round(rate * total)))
-                tau = float((ranked[-k - 1] + ranked[-k]) / 2)
-                expected = float(np.mean(ranked > tau))
-                plans.append((rate, tau, expected))
-                escalation.append({"cameras": n, "frames_per_camera": m, "starts": starts, "rate_target": rate,
-                                   "gate_tau": tau, "video_escalation": expected})
-            runs.append((n, m, starts, plans))
-
-        e2e_runs: list[dict] = []
-        yardsticks: list[float] = []
-        memory: dict[str, Any] = {}
-        for run in runs:
-            say(f"end-to-end runs, {run[0]} camera(s): engine process")
-            e2e = _in_engine_process({
-                "device": str(dev), "threads": threads, "video": str(video), "tmp": str(tmp),
-                "bank": str(bank_path), "runs": [run], "max_batch": max_batch, "max_wait_ms": max_wait_ms,
-                "min_time_s": plan.min_time_s,
-            })
-            e2e_runs += e2e["runs"]
-            yardsticks.append(e2e["backbone_fps"])
-            for key, value in e2e["memory"].items():
-                memory.setdefault(key + "_by_cameras", {})[str(run[0])] = value
-        for key in ("engine_peak_rss_mib", "engine_baseline_rss_mib", "engine_cuda_peak_allocated_mib"):
-            if key + "_by_cameras" in memory:
-                values = [v for v in memory[key + "_by_cameras"].values() if v is not None]
-                memory[key] = max(values) if values else None
-        headline_cameras = 16 if dev.type == "cuda" and 16 in plan.cameras else 4
-        by_cameras = {str(r["cameras"]): r["efficiency"] for r in e2e_runs
-                      if r["mode"] == "throughput" and r["rate_target"] == plan.rates[0]}
-        report["pipeline"] = {
-            "backbone_fps_engine_process": statistics.mean(yardsticks),
-            "latency_load": LATENCY_LOAD,
-            "escalation": escalation,
-            "runs": e2e_runs,
-            "efficiency_by_cameras": by_cameras,
-            "headline_cameras": headline_cameras,
-        }
-        report["pipeline_efficiency"] = by_cameras.get(str(headline_cameras))
+        runs, escalation = _escalation_plans(model, bank.to(dev), frames, scores, keyframes(video), plan)
+        report["pipeline"], memory = _pipeline_runs(runs, escalation, plan, say, {
+            "device": str(dev), "threads": threads, "video": str(video), "tmp": str(tmp),
+            "bank": str(bank_path), "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+            "min_time_s": plan.min_time_s,
+        }, dev.type == "cuda")
+        report["pipeline_efficiency"] = report["pipeline"]["efficiency_by_cameras"].get(
+            str(report["pipeline"]["headline_cameras"]))
 
         say("gate latency")
         backbone_s = max_batch / best_fps
         report["gate"] = bench_gate(model, bank, frames, plan, dev, max_batch, backbone_s)
 
-        file_bytes = bank_path.stat().st_size
-        report["memory"] = dict(memory, **{
-            "bench_process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-            "bank_file_bytes_per_frame": file_bytes / len(bank),
-            "bank_memory_bytes_per_frame": bank.bytes_per_frame(),
-            "gate_index_bytes_per_frame": report["gate"]["sizes"][str(plan.bank_sizes[-1])]["scene_like"][
-                "index_bytes_per_frame"],
-        })
+        report["memory"] = _memory(memory, bank_path, bank, report["gate"], plan)
 
         say("engine overhead: the engine with a null backbone")
         report["engine_overhead"] = bench_engine_overhead(bank_path, str(video), frames, plan, dev, threads, tmp)
@@ -180,6 +116,91 @@ def run_bench(device: str = "auto", backbone: str | None = None, quick: bool = F
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
+
+
+
+def _scene_and_bank(tmp: Path, plan: Plan, spade, say: Callable[[str], None]):
+    """The synthetic scene, its calibrated bank's file, and how long the bank took."""
+    from engine.datasets.synthetic import make_scene
+    from engine.reference import build_reference
+
+    say(f"synthetic scene {plan.size[0]}x{plan.size[1]}")
+    scene = make_scene(tmp / "scene", seed=0, size=plan.size, n_train_clips=plan.train_clips,
+                       train_len=plan.train_len, n_test_clips=1, test_len=plan.test_len, fps=SCENE_FPS)
+    say("reference bank (camera preset, calibrated)")
+    t0 = time.perf_counter()
+    bank = build_reference(spade, [scene.root / "training" / "frames"], "bench", progress=False, fps=scene.fps)
+    bank_path = bank.save(tmp / "bench.bank")
+    return scene, bank_path, time.perf_counter() - t0
+
+
+def _memory(engine_memory: dict, bank_path: Path, bank, gate: dict, plan: Plan) -> dict:
+    return dict(engine_memory, **{
+        "bench_process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "bank_file_bytes_per_frame": bank_path.stat().st_size / len(bank),
+        "bank_memory_bytes_per_frame": bank.bytes_per_frame(),
+        "gate_index_bytes_per_frame": gate["sizes"][str(plan.bank_sizes[-1])]["scene_like"]["index_bytes_per_frame"],
+    })
+
+
+def _escalation_plans(model, bank, frames: list, scores: np.ndarray, keys: list[int], plan: Plan) -> tuple[list, list]:
+    """Per camera count: the cameras' start frames and, per escalation rate, the gate_tau that gives it."""
+    # Camera i replays frames [start_i, start_i + M) of the clip, the starts spread over it.
+    # Their gate scores are the whole clip's (temporal features are causal), except the first
+    # frame of each, which has no predecessor: it is scored on its own. gate_tau lies halfway
+    # between the k-th and (k+1)-th highest scores of all the frames a run replays,
+    # k = rate x frames (at least 1).
+    runs, escalation = [], []
+    for n in plan.cameras:
+        m = plan.frames_per_camera(n)
+        starts = camera_starts(keys, len(frames), n, m)
+        pooled = []
+        for start in starts:
+            first = gate_scores(model, bank, [frames[start]], 1)
+            pooled.append(np.concatenate([first, scores[start + 1 : start + m]]))
+        ranked = np.sort(np.concatenate(pooled))
+        total = len(ranked)
+        plans = []
+        for rate in plan.rates:
+            k = min(total - 1, max(1, round(rate * total)))
+            tau = float((ranked[-k - 1] + ranked[-k]) / 2)
+            expected = float(np.mean(ranked > tau))
+            plans.append((rate, tau, expected))
+            escalation.append({"cameras": n, "frames_per_camera": m, "starts": starts, "rate_target": rate,
+                               "gate_tau": tau, "video_escalation": expected})
+        runs.append((n, m, starts, plans))
+    return runs, escalation
+
+
+def _pipeline_runs(runs: list, escalation: list, plan: Plan, say: Callable[[str], None], job: dict,
+                   cuda: bool) -> tuple[dict, dict]:
+    """The end-to-end runs, one engine process per camera count: (the pipeline section, engine memory)."""
+    e2e_runs: list[dict] = []
+    yardsticks: list[float] = []
+    memory: dict[str, Any] = {}
+    for run in runs:
+        say(f"end-to-end runs, {run[0]} camera(s): engine process")
+        e2e = _in_engine_process({**job, "runs": [run]})
+        e2e_runs += e2e["runs"]
+        yardsticks.append(e2e["backbone_fps"])
+        for key, value in e2e["memory"].items():
+            memory.setdefault(key + "_by_cameras", {})[str(run[0])] = value
+    for key in ("engine_peak_rss_mib", "engine_baseline_rss_mib", "engine_cuda_peak_allocated_mib"):
+        if key + "_by_cameras" in memory:
+            values = [v for v in memory[key + "_by_cameras"].values() if v is not None]
+            memory[key] = max(values) if values else None
+    headline_cameras = 16 if cuda and 16 in plan.cameras else 4
+    by_cameras = {str(r["cameras"]): r["efficiency"] for r in e2e_runs
+                  if r["mode"] == "throughput" and r["rate_target"] == plan.rates[0]}
+    pipeline = {
+        "backbone_fps_engine_process": statistics.mean(yardsticks),
+        "latency_load": LATENCY_LOAD,
+        "escalation": escalation,
+        "runs": e2e_runs,
+        "efficiency_by_cameras": by_cameras,
+        "headline_cameras": headline_cameras,
+    }
+    return pipeline, memory
 
 
 def _targets(report: dict, plan: Plan) -> dict:
@@ -391,7 +412,14 @@ def format_report(r: dict) -> str:
     _bus_lines(r["redis_bus"], add)
     add("")
 
-    mem = r["memory"]
+    _memory_lines(r["memory"], add)
+    add("")
+    _target_lines(r["targets"], add)
+    return "\n".join(lines)
+
+
+
+def _memory_lines(mem: dict, add: Callable[[str], None]) -> None:
     cuda = ""
     if mem.get("engine_cuda_peak_allocated_mib") is not None:
         cuda = f", CUDA peak allocated {mem['engine_cuda_peak_allocated_mib']:.0f} MiB"
@@ -401,10 +429,9 @@ def format_report(r: dict) -> str:
     add(f"          per reference frame: file {mem['bank_file_bytes_per_frame'] / 1024:.0f} KiB, tensors "
         f"{mem['bank_memory_bytes_per_frame'] / 1024:.0f} KiB, + gate index "
         f"{mem['gate_index_bytes_per_frame'] / 1024:.1f} KiB (banks >= 2048 frames)")
-    add("")
 
-    t = r["targets"]
 
+def _target_lines(t: dict, add: Callable[[str], None]) -> None:
     def verdict(entry) -> str:
         return "-" if entry["met"] is None else ("met" if entry["met"] else "NOT met")
 
@@ -428,7 +455,6 @@ def format_report(r: dict) -> str:
     bf = t["bus_frames_per_s"]
     add(f"redis bus throughput    {_f(bf['value'], 0)} frames/s ({bf['producers']} producers, {bf['put']} put, "
         f"240x320 JPEG; target {bf['target']}: {verdict(bf)})")
-    return "\n".join(lines)
 
 
 def main(args) -> int:
