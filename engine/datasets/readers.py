@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from ..errors import DataError
+from .video import count_video_frames, iter_video_frames
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.mov', '.m4v', '.mpg', '.mpeg', '.ts', '.webm')
@@ -104,90 +105,6 @@ def read_image(path: str | Path) -> np.ndarray:
     if bgr is None:
         raise DataError(f"cannot decode image {path}: not an image or corrupt; remove or replace it")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-@dataclass
-class DecodeStats:
-    """Pass one to iter_video_frames to learn how many packets were damaged."""
-    decoded: int = 0
-    skipped: int = 0
-
-
-def _open_video(path: Path):
-    import av
-
-    if not path.is_file():
-        raise DataError(f"video not found: {path} (check the path)")
-    try:
-        container = av.open(str(path))
-    except Exception as exc:  # av.error.* for unknown formats, truncated headers, ...
-        raise DataError(f"cannot open video {path}: {exc.__class__.__name__}; "
-                        "check that it is a video file PyAV/FFmpeg can read") from None
-    if not container.streams.video:
-        container.close()
-        raise DataError(f"no video stream in {path}; pass a video file")
-    return container
-
-
-def iter_video_frames(path: str | Path, stats: DecodeStats | None = None,
-                      fps: float | None = None) -> Iterator[np.ndarray]:
-    """Decode a video file to RGB frames; damaged packets are skipped, not fatal.
-
-    With fps, frames are sampled by presentation time as an ingest worker samples a camera, so
-    a bank's temporal features match the camera's. The file is opened here, not on the first
-    next(), so a bad path fails at the call.
-    """
-    container = _open_video(Path(path))
-    frames = _decode(container, stats if stats is not None else DecodeStats(), with_time=fps is not None)
-    return frames if fps is None else _sample(frames, fps)
-
-
-def _sample(timed_frames, fps: float) -> Iterator[np.ndarray]:
-    period, due = 1.0 / fps, None
-    for ts, frame in timed_frames:
-        if due is None or ts >= due - 1e-6:
-            due = (ts if due is None else due) + period
-            yield frame
-
-
-def _decode(container, stats: DecodeStats, with_time: bool = False) -> Iterator:
-    import av
-
-    try:
-        stream = container.streams.video[0]
-        stream.thread_type = 'AUTO'
-        try:
-            for packet in container.demux(stream):
-                try:
-                    frames = packet.decode()
-                except (av.error.FFmpegError, ValueError):
-                    stats.skipped += 1  # a damaged packet: the decoder resyncs on the next one
-                    continue
-                for frame in frames:
-                    stats.decoded += 1
-                    image = frame.to_ndarray(format='rgb24')
-                    if with_time:
-                        rate = float(stream.average_rate or 25)
-                        ts = frame.time if frame.time is not None else stats.decoded / rate
-                        yield ts, image
-                    else:
-                        yield image
-        except av.error.FFmpegError:
-            stats.skipped += 1  # a truncated container: keep what decoded so far
-    finally:
-        container.close()
-
-
-def count_video_frames(path: str | Path) -> int:
-    """Frame count from the header when it is there, else by decoding."""
-    container = _open_video(Path(path))
-    try:
-        n = container.streams.video[0].frames
-    finally:
-        container.close()
-    if n > 0:
-        return int(n)
-    return sum(1 for _ in iter_video_frames(path))
 
 
 def iter_source_frames(path: str | Path, recursive: bool = True) -> Iterator[np.ndarray]:

@@ -15,7 +15,6 @@ import json
 import math
 import shutil
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +22,7 @@ import cv2
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from .video import VideoWriter
 
 ANOMALY_KINDS = ('fast', 'vehicle', 'lawn')
 
@@ -379,66 +379,6 @@ class _ClipRenderer:
         img += noise
         np.clip(img, 0, 255, out=img)
         return img.astype(np.uint8), label
-
-
-def _video_codec() -> str:
-    import av
-    for name in ('libx264', 'h264', 'mpeg4'):
-        try:
-            av.codec.Codec(name, 'w')
-            return name
-        except Exception:  # not built into this FFmpeg
-            continue
-    raise DataError("PyAV has no H.264 or MPEG-4 encoder; pass write_videos=False or install a full PyAV")
-
-
-class VideoWriter:
-    """H.264 (MPEG-4 part 2 where FFmpeg lacks it), without B-frames as IP cameras send: decode
-    order is display order. gop: a keyframe every that many frames (None: the encoder's choice)."""
-
-    def __init__(self, path: Path, size: tuple[int, int], fps: float, gop: int | None = None):
-        import av
-        from av.video.stream import VideoStream
-        self.av = av
-        self.container = av.open(str(path), 'w')
-        rate = Fraction(fps).limit_denominator(1001)
-        codec = _video_codec()
-        stream = self.container.add_stream(codec, rate=rate)
-        assert isinstance(stream, VideoStream)  # a video codec's stream
-        self.stream = stream
-        self.stream.height, self.stream.width = size
-        self.stream.pix_fmt = 'yuv420p'
-        self.stream.codec_context.time_base = 1 / rate
-        self.stream.codec_context.max_b_frames = 0
-        if gop is not None:
-            self.stream.codec_context.gop_size = gop
-        if codec == 'mpeg4':
-            self.stream.bit_rate = 8_000_000
-            self.stream.options = {'qscale': '2'}
-        else:
-            self.stream.options = {'crf': '18', 'preset': 'veryfast'}
-        self.pts = 0
-
-    def write(self, rgb: np.ndarray) -> None:
-        frame = self.av.VideoFrame.from_ndarray(rgb, format='rgb24')
-        frame.pts = self.pts
-        self.pts += 1
-        for packet in self.stream.encode(frame):
-            self.container.mux(packet)
-
-    def close(self) -> None:
-        for packet in self.stream.encode():
-            self.container.mux(packet)
-        self.container.close()
-
-
-def write_video(frames: list[np.ndarray], path: Path, fps: float, gop: int | None = None) -> Path:
-    """RGB frames to a video file (see VideoWriter)."""
-    writer = VideoWriter(Path(path), frames[0].shape[:2], fps, gop)
-    for rgb in frames:
-        writer.write(rgb)
-    writer.close()
-    return Path(path)
 
 
 def _check_args(size, n_train_clips, train_len, n_test_clips, test_len, fps) -> tuple[int, int]:

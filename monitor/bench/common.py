@@ -175,7 +175,7 @@ def decode_video(path: Path) -> list[np.ndarray]:
 
 def encode_video(frames: list[np.ndarray], path: Path, fps: float) -> Path:
     """The bench's clip: a keyframe every GOP frames, so runs can start there."""
-    from engine.datasets.synthetic import write_video
+    from engine.datasets.video import write_video
 
     return write_video(frames, path, fps, gop=GOP)
 

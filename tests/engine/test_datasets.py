@@ -17,8 +17,8 @@ from engine.datasets import (
     iter_source_frames,
     iter_video_frames,
     read_image,
-    synthetic,
 )
+from engine.datasets import video as datasets_video
 from engine.errors import DataError
 
 H, W = 24, 32
@@ -43,7 +43,7 @@ def solid(value: int, h: int = H, w: int = W) -> np.ndarray:
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return synthetic.write_video(frames, path, fps)
+    return datasets_video.write_video(frames, path, fps)
 
 
 # ---------------------------------------------------------------- images, videos, sources
