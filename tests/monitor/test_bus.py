@@ -12,6 +12,7 @@ import redis
 
 from monitor.bus import ENGINE_BEHIND, REDIS_DOWN, BusMessage, InProcessBus, make_bus
 from monitor.frames import Frame, encode_frame
+from monitor.ledger import SeqLedger
 from monitor.redis_bus import RedisFrameBus
 from monitor.urls import redact_url
 
@@ -143,11 +144,11 @@ def test_live_frames_older_than_max_age_are_shed(bus_factory):
     assert bus.stats.dropped_by_reason == {("a", ENGINE_BEHIND): 5}
 
 
-def test_frames_a_redis_crash_takes_are_counted_lost_exactly(redis_server):
-    from monitor.ledger import SeqLedger
-
-    producer = redis_bus(redis_server, cameras=["a"], consumer="ingest")
-    engine = redis_bus(redis_server, cameras=["a"], consumer="engine")
+def loss_rig(server, **producer_kwargs):
+    """Ingest's bus, an engine's bus, the engine's ledger, and consume(): take a batch as an
+    engine does, as far as the ledger sees (observe each frame, then ack); returns how many."""
+    producer = redis_bus(server, cameras=["a"], consumer="ingest", **producer_kwargs)
+    engine = redis_bus(server, cameras=["a"], consumer="engine")
     ledger = SeqLedger(grace_s=5)
 
     def consume() -> int:
@@ -156,6 +157,12 @@ def test_frames_a_redis_crash_takes_are_counted_lost_exactly(redis_server):
             ledger.observe(m.frame.camera, m.frame.run_id, m.frame.seq, m.frame.dropped_before, time.monotonic())
         engine.ack([m.id for m in got])
         return len(got)
+
+    return producer, engine, ledger, consume
+
+
+def test_frames_a_redis_crash_takes_are_counted_lost_exactly(redis_server):
+    producer, engine, ledger, consume = loss_rig(redis_server)
 
     for i in range(20):
         producer.put(make_frame("a", i), live=True)
@@ -189,18 +196,7 @@ def test_a_redis_restart_first_met_by_a_camera_takeover_is_counted_from_when_it_
     group is gone), and the ledger's baseline is below zero because frames older than the first
     one this engine saw were shed after it was stamped. The takeover must not fail, and the
     loss must be dated by the restart, not a fixed lookback that reaches past those sheds."""
-    from monitor.ledger import SeqLedger
-
-    producer = redis_bus(redis_server, cameras=["a"], consumer="ingest", max_age_s=1.0)
-    engine = redis_bus(redis_server, cameras=["a"], consumer="engine")
-    ledger = SeqLedger(grace_s=5)
-
-    def consume() -> int:
-        got = engine.get_batch(100, 0.5)
-        for m in got:
-            ledger.observe(m.frame.camera, m.frame.run_id, m.frame.seq, m.frame.dropped_before, time.monotonic())
-        engine.ack([m.id for m in got])
-        return len(got)
+    producer, engine, ledger, consume = loss_rig(redis_server, max_age_s=1.0)
 
     for i in range(5):
         producer.put(make_frame("a", i), live=True)
