@@ -41,19 +41,25 @@ def _exact(query: torch.Tensor, reference: torch.Tensor, k: int, chunk: int,
            ref_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact fp32 search of `reference` (any float dtype; fp32 rows are used as they are)."""
     q_sq = (query * query).sum(1, keepdim=True)
-    best_d: torch.Tensor | None = None
-    best_i: torch.Tensor | None = None
+    best = None
     for start in range(0, reference.shape[0], chunk):
         ref = reference[start : start + chunk].to(query.device, torch.float32, non_blocking=True)
         r_sq = (ref * ref).sum(1) if ref_sq is None else ref_sq[start : start + chunk]
         d = torch.addmm(q_sq + r_sq[None], query, ref.T, beta=1.0, alpha=-2.0)
-        i = torch.arange(start, start + ref.shape[0], device=query.device).expand_as(d)
-        if best_d is not None and best_i is not None:
-            d, i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
-        best_d, pos = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False)
-        best_i = torch.gather(i, 1, pos)
-    assert best_d is not None and best_i is not None, "empty reference"
-    return best_d.clamp_min_(0.0), best_i
+        best = _keep_smallest(best, d, start, k)
+    assert best is not None, "empty reference"
+    return best[0].clamp_min_(0.0), best[1]
+
+
+def _keep_smallest(best: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Tensor, start: int,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest values per row, and their columns, of the best so far and a new chunk of
+    columns that begins at `start`."""
+    cols = torch.arange(start, start + values.shape[1], device=values.device).expand_as(values)
+    if best is not None:
+        values, cols = torch.cat([best[0], values], 1), torch.cat([best[1], cols], 1)
+    values, pos = torch.topk(values, min(k, values.shape[1]), dim=1, largest=False)
+    return values, torch.gather(cols, 1, pos)
 
 
 @dataclass
@@ -211,19 +217,15 @@ def _search_bf16(query: torch.Tensor, index: _Index, reference: torch.Tensor, k:
     q_sq = (centred * centred).sum(1, keepdim=True)
     q_b = centred.bfloat16()
     q_err = beta * q_sq.sqrt()
-    best_lb: torch.Tensor | None = None
-    best_i: torch.Tensor | None = None
+    best = None
     for start in range(0, n, chunk):
         r_sq = index.sq[None, start : start + chunk]
         dot = (q_b @ index.data[start : start + chunk].T).float()
         lb = (q_sq + r_sq).sub_(dot, alpha=2.0)
         lb.sub_(q_err * index.norm[None, start : start + chunk]).sub_(eta * (q_sq + r_sq))
-        i = torch.arange(start, start + lb.shape[1], device=query.device).expand_as(lb)
-        if best_lb is not None and best_i is not None:
-            lb, i = torch.cat([best_lb, lb], 1), torch.cat([best_i, i], 1)
-        best_lb, pos = torch.topk(lb, min(c_max, lb.shape[1]), dim=1, largest=False)
-        best_i = torch.gather(i, 1, pos)
-    assert best_lb is not None and best_i is not None, "empty index"
+        best = _keep_smallest(best, lb, start, c_max)
+    assert best is not None, "empty index"
+    best_lb, best_i = best
 
     c = min(c_max, k + max(k, CANDIDATE_MARGIN))
     d, idx, d_k = _rerank(query, reference, best_i[:, :c], k)
