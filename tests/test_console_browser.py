@@ -173,9 +173,17 @@ def _free_port() -> int:
 
 
 def _wait_for(condition, timeout: float = 3.0, interval: float = 0.05):
+    """condition()'s first true value, or its last value at the timeout. An element that went
+    stale (the page navigated, e.g. a form's redirect, between finding it and reading it) is
+    looked up again on the next try."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while True:
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
